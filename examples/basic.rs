@@ -33,7 +33,9 @@ async fn main() -> Result<(), BoxError> {
         // The stack: coalesce on the key itself, or not at all.
         let extractor = move |key: &usize| coalesce.then_some(*key);
         let svc = ServiceBuilder::new()
-            .layer(SingleflightLayer::new(tower_singleflight::key::optional(extractor)))
+            .layer(SingleflightLayer::new(tower_singleflight::key::optional(
+                extractor,
+            )))
             .service(loader);
 
         // A burst: every caller at once, over a few hot keys.
@@ -42,7 +44,11 @@ async fn main() -> Result<(), BoxError> {
         let results = join_all(burst).await;
         let failed = results.iter().filter(|r| r.is_err()).count();
 
-        let label = if coalesce { "with the layer" } else { "without it" };
+        let label = if coalesce {
+            "with the layer"
+        } else {
+            "without it"
+        };
         println!(
             "{label:>15}: {CALLERS} callers, {} loader calls, {failed} errors, {:?}",
             calls.load(Ordering::Relaxed),

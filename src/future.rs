@@ -19,7 +19,7 @@ use tower_service::Service;
 
 use crate::error::{BoxError, Error};
 use crate::group::{OnWaitLimit, Role, Work};
-use crate::inflight::{Call, Ticket};
+use crate::inflight::Ticket;
 
 pin_project! {
     /// A caller's share of a flight, returned by [`Group::run`].
@@ -89,8 +89,13 @@ where
     W::Future: Send + 'static,
     W::Error: Into<BoxError>,
 {
-    pub(crate) fn lead(mut ticket: Ticket<K, T>, work: W) -> Self {
-        ticket.start(|| boxed(work));
+    /// Starts the flight's call with the work `make` returns; a panic in
+    /// either reaches every waiter as the flight's outcome.
+    pub(crate) fn lead(mut ticket: Ticket<K, T>, make: impl FnOnce() -> W) -> Self {
+        ticket.start(|| {
+            let call = make().start();
+            async move { call.await.map_err(Error::inner_error) }
+        });
         let state = State::Flight {
             ticket,
             work: None,
@@ -213,20 +218,6 @@ impl<K, T, W: Work<T>> fmt::Debug for Run<K, T, W> {
             .field("shared", &self.shared)
             .finish_non_exhaustive()
     }
-}
-
-/// Boxes the leader's call, mapping its error, inside the flight's span.
-fn boxed<T, W>(work: W) -> Call<T>
-where
-    W: Work<T>,
-    W::Future: Send + 'static,
-    W::Error: Into<BoxError>,
-{
-    let call = work.start();
-    let call = async move { call.await.map_err(Error::inner_error) };
-    #[cfg(feature = "tracing")]
-    let call = tracing::Instrument::in_current_span(call);
-    Box::pin(call)
 }
 
 pin_project! {

@@ -196,7 +196,7 @@ where
     {
         let (ticket, leads) = self.table.join(key, self.config.run_to_completion);
         if leads {
-            return Run::lead(ticket, work());
+            return Run::lead(ticket, work);
         }
         let keep = matches!(self.config.wait_limit, Some((_, OnWaitLimit::CallOwn)));
         Run::follow(ticket, keep.then(work), self.config.wait_limit)

@@ -165,6 +165,8 @@ impl<K: Hash + Eq, T: Clone> Table<K, T> {
                 state.wakers.insert()
             };
             drop(map);
+            #[cfg(feature = "tracing")]
+            tracing::trace!(key_hash = hash, "joined a flight in progress as a follower");
             shard.counters.followers.fetch_add(1, Ordering::Relaxed);
             shard.counters.waiters.fetch_add(1, Ordering::Relaxed);
             let ticket = Ticket::new(Arc::clone(self), flight, Seat::Waiting(slot));
@@ -186,6 +188,8 @@ impl<K: Hash + Eq, T: Clone> Table<K, T> {
             Entry::Occupied(mut occupied) => occupied.get_mut().push(Arc::clone(&flight)),
         }
         drop(map);
+        #[cfg(feature = "tracing")]
+        tracing::trace!(key_hash = hash, "started a flight as its leader");
 
         let counters = &shard.counters;
         counters.leaders.fetch_add(1, Ordering::Relaxed);
@@ -272,20 +276,30 @@ impl<K, T: Clone> Ticket<K, T> {
         }
     }
 
-    /// Starts the leader's call. A panic while making it becomes the
-    /// flight's outcome, delivered at the first poll.
-    pub(crate) fn start(&mut self, make: impl FnOnce() -> Call<T>)
+    /// Starts the leader's call, inside the flight's span when tracing. A
+    /// panic while making it becomes the flight's outcome, delivered at the
+    /// first poll.
+    pub(crate) fn start<F>(&mut self, make: impl FnOnce() -> F)
     where
+        F: Future<Output = Result<T, Error>> + Send + 'static,
         T: Send + 'static,
     {
         debug_assert!(
             matches!(self.seat, Seat::Driving(None)),
             "start by a non-leader"
         );
-        let call = panic::catch_unwind(AssertUnwindSafe(make)).unwrap_or_else(|payload| {
-            let error = Error::panicked(&*payload);
-            Box::pin(std::future::ready(Err(error)))
-        });
+        #[cfg(feature = "tracing")]
+        let span = tracing::trace_span!("singleflight.flight", key_hash = self.flight.hash);
+        #[cfg(feature = "tracing")]
+        let make = || tracing::Instrument::instrument(span.in_scope(make), span.clone());
+
+        let call: Call<T> = match panic::catch_unwind(AssertUnwindSafe(make)) {
+            Ok(call) => Box::pin(call),
+            Err(payload) => {
+                self.counters().panics.fetch_add(1, Ordering::Relaxed);
+                Box::pin(std::future::ready(Err(Error::panicked(&*payload))))
+            }
+        };
         self.seat = Seat::Driving(Some(call));
     }
 
@@ -420,6 +434,11 @@ impl<K, T> Ticket<K, T> {
         if let Some(call) = call {
             debug_assert!(state.parked.is_none(), "two drivers of one flight");
             state.parked = Some(call);
+            #[cfg(feature = "tracing")]
+            tracing::trace!(
+                key_hash = self.flight.hash,
+                "driver left; handing the call over"
+            );
         }
         if state.waiters > 0 {
             let next = if state.parked.is_some() {
@@ -452,6 +471,11 @@ impl<K, T> Ticket<K, T> {
         }
         state.done = true;
         Table::unlink(&mut map, &self.flight);
+        #[cfg(feature = "tracing")]
+        tracing::trace!(
+            key_hash = self.flight.hash,
+            "every waiter left; dropping the call"
+        );
         drop((state, map));
         shard.counters.flights.fetch_sub(1, Ordering::Relaxed);
         shard.counters.abandoned.fetch_add(1, Ordering::Relaxed);
