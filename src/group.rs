@@ -194,7 +194,7 @@ where
         W::Future: Send + 'static,
         W::Error: Into<BoxError>,
     {
-        let (ticket, leads) = self.table.join(key, self.config.run_to_completion);
+        let (ticket, leads) = Table::join(&self.table, key, self.config.run_to_completion);
         if leads {
             return Run::lead(ticket, work);
         }
@@ -326,14 +326,14 @@ pub trait GroupSource<K, T>: sealed::Sealed {
 #[derive(Clone)]
 pub struct OwnGroup {
     config: Config,
-    slot: Arc<OnceLock<Box<dyn Any + Send + Sync>>>,
+    slot: std::sync::Arc<OnceLock<Box<dyn Any + Send + Sync>>>,
 }
 
 impl OwnGroup {
     pub(crate) fn new(config: Config) -> Self {
         Self {
             config,
-            slot: Arc::default(),
+            slot: std::sync::Arc::default(),
         }
     }
 

@@ -1,11 +1,22 @@
 //! The synchronisation primitives the flight table is built on.
 //!
-//! Everything in `inflight.rs` takes its locks, reference counts and atomics
-//! from here rather than from `std` directly, so that one seam decides which
-//! implementation the core runs on.
+//! Everything in `inflight` takes its locks, reference counts and atomics
+//! from here rather than from `std` directly, so that the loom models (built
+//! with `--cfg singleflight_loom`) can see and permute every one of them.
+//!
+//! NOTE: the cfg is not plain `loom` because tokio reads that one too and
+//! drops its networking under it, which the dev-dependencies need.
 
+#[cfg(singleflight_loom)]
+pub(crate) use loom::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+#[cfg(singleflight_loom)]
+pub(crate) use loom::sync::{Arc, Mutex, MutexGuard};
+#[cfg(not(singleflight_loom))]
 pub(crate) use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-pub(crate) use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+#[cfg(not(singleflight_loom))]
+pub(crate) use std::sync::{Arc, Mutex, MutexGuard};
+
+use std::sync::PoisonError;
 
 /// Locks `mutex`, ignoring poisoning.
 ///

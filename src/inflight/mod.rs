@@ -8,19 +8,29 @@
 //! take it up, so the call survives as long as anyone waits for it.
 //!
 //! Lock order: a shard's map, then a flight's state. No lock is held while
-//! the inner call is polled or dropped, or while a waker runs.
+//! the inner call is polled or dropped, or while a waker runs. An abandoned
+//! call is dropped just after its key is freed, for the same reason: a
+//! caller arriving in that instant may start a new call while the old one's
+//! destructor still runs.
 
-use std::collections::hash_map::{Entry, HashMap, RandomState};
+#[cfg(all(test, singleflight_loom))]
+mod loom;
+mod table;
+mod wakers;
+
 use std::future::Future;
-use std::hash::{BuildHasher, BuildHasherDefault, Hash, Hasher};
+use std::hash::Hash;
 use std::mem;
 use std::panic::{self, AssertUnwindSafe};
 use std::pin::Pin;
-use std::task::{Context, Poll, Waker};
+use std::task::{Context, Poll};
 
 use crate::error::Error;
-use crate::sync::{lock, Arc, AtomicBool, AtomicU64, Mutex, Ordering};
-use crate::Stats;
+use crate::sync::{lock, Arc, AtomicBool, Mutex, Ordering};
+
+use self::table::Counters;
+pub(crate) use self::table::Table;
+use self::wakers::Wakers;
 
 /// The inner call of a flight, boxed so that driving it can pass between
 /// waiters.
@@ -28,47 +38,6 @@ pub(crate) type Call<T> = Pin<Box<dyn Future<Output = Result<T, Error>> + Send>>
 
 /// What a waiter gets: the outcome, and whether it went to more than one.
 pub(crate) type Delivery<T> = (Result<T, Error>, bool);
-
-/// Flights in progress, sharded by the key's hash.
-pub(crate) struct Table<K, T> {
-    /// Randomly keyed, so that untrusted keys cannot flood one bucket.
-    hasher: RandomState,
-    shards: Box<[Shard<K, T>]>,
-}
-
-type FlightMap<K, T> = HashMap<u64, Bucket<K, T>, BuildHasherDefault<HashIsKey>>;
-
-/// One lock's worth of the table, padded so shards do not share cache lines.
-#[repr(align(128))]
-struct Shard<K, T> {
-    /// Flights by key hash.
-    ///
-    /// Invariant: a flight is in here exactly while its `registered` flag is
-    /// set, which holds from its leader's arrival until it publishes, is
-    /// abandoned, or is forgotten. This mutex guards the map and every
-    /// flight's `registered` flag.
-    map: Mutex<FlightMap<K, T>>,
-    counters: Counters,
-}
-
-/// The flights whose keys share one hash. Almost always one; equal hashes
-/// alone never make two keys share a flight.
-enum Bucket<K, T> {
-    One(Arc<Flight<K, T>>),
-    Many(Vec<Arc<Flight<K, T>>>),
-}
-
-/// Counters of one shard. Gauges rise and fall on the shard of their flight,
-/// so each shard's gauge stays non-negative on its own.
-#[derive(Default)]
-struct Counters {
-    flights: AtomicU64,
-    waiters: AtomicU64,
-    leaders: AtomicU64,
-    followers: AtomicU64,
-    panics: AtomicU64,
-    abandoned: AtomicU64,
-}
 
 /// One inner call, shared by every caller whose key equals `key`.
 pub(crate) struct Flight<K, T> {
@@ -121,147 +90,6 @@ enum Seat<T> {
     Waiting(usize),
     /// Took its outcome.
     Left,
-}
-
-// --- impl Table ---
-
-impl<K: Hash + Eq, T: Clone> Table<K, T> {
-    /// Creates an empty table with a shard count suited to this machine.
-    pub(crate) fn new() -> Self {
-        let cores = std::thread::available_parallelism().map_or(4, usize::from);
-        let count = (cores * 4).next_power_of_two();
-        let shards = (0..count)
-            .map(|_| Shard {
-                map: Mutex::default(),
-                counters: Counters::default(),
-            })
-            .collect();
-        Self {
-            hasher: RandomState::new(),
-            shards,
-        }
-    }
-
-    /// Joins the flight for `key`, starting one if none is in progress.
-    ///
-    /// Returns the caller's ticket and whether it leads the new flight.
-    pub(crate) fn join(self: &Arc<Self>, key: K, detach: bool) -> (Ticket<K, T>, bool)
-    where
-        K: Send + Sync + 'static,
-        T: Send + 'static,
-    {
-        let hash = self.hasher.hash_one(&key);
-        let shard = self.shard(hash);
-        let mut map = lock(&shard.map);
-
-        // A flight in progress: become one of its waiters.
-        if let Some(flight) = map.get(&hash).and_then(|bucket| bucket.find(&key)) {
-            let flight = Arc::clone(flight);
-            let slot = {
-                let mut state = lock(&flight.state);
-                debug_assert!(!state.done, "a registered flight has finished");
-                state.waiters += 1;
-                state.followers += 1;
-                state.wakers.insert()
-            };
-            drop(map);
-            #[cfg(feature = "tracing")]
-            tracing::trace!(key_hash = hash, "joined a flight in progress as a follower");
-            shard.counters.followers.fetch_add(1, Ordering::Relaxed);
-            shard.counters.waiters.fetch_add(1, Ordering::Relaxed);
-            let ticket = Ticket::new(Arc::clone(self), flight, Seat::Waiting(slot));
-            return (ticket, false);
-        }
-
-        // None: this caller leads a new flight.
-        let flight = Arc::new(Flight {
-            key,
-            hash,
-            detach: detach.then_some(spawn_detached::<K, T> as fn(Ticket<K, T>)),
-            registered: AtomicBool::new(true),
-            state: Mutex::new(State::new()),
-        });
-        match map.entry(hash) {
-            Entry::Vacant(vacant) => {
-                vacant.insert(Bucket::One(Arc::clone(&flight)));
-            }
-            Entry::Occupied(mut occupied) => occupied.get_mut().push(Arc::clone(&flight)),
-        }
-        drop(map);
-        #[cfg(feature = "tracing")]
-        tracing::trace!(key_hash = hash, "started a flight as its leader");
-
-        let counters = &shard.counters;
-        counters.leaders.fetch_add(1, Ordering::Relaxed);
-        counters.flights.fetch_add(1, Ordering::Relaxed);
-        counters.waiters.fetch_add(1, Ordering::Relaxed);
-        (
-            Ticket::new(Arc::clone(self), flight, Seat::Driving(None)),
-            true,
-        )
-    }
-
-    /// Unlinks the flight for `key`, so the next caller starts a new one.
-    ///
-    /// The flight itself runs on for the waiters it has.
-    pub(crate) fn forget(&self, key: &K) -> bool {
-        let hash = self.hasher.hash_one(key);
-        let mut map = lock(&self.shard(hash).map);
-        let Entry::Occupied(mut occupied) = map.entry(hash) else {
-            return false;
-        };
-        let Some(flight) = occupied.get().find(key).map(Arc::clone) else {
-            return false;
-        };
-        if occupied.get_mut().remove(&flight) {
-            occupied.remove();
-        }
-        flight.registered.store(false, Ordering::Relaxed);
-        true
-    }
-
-    /// The number of keys with a flight in progress.
-    pub(crate) fn len(&self) -> usize {
-        let keys = |shard: &Shard<K, T>| lock(&shard.map).values().map(Bucket::len).sum::<usize>();
-        self.shards.iter().map(keys).sum()
-    }
-
-    /// Adds up every shard's counters.
-    pub(crate) fn stats(&self) -> Stats {
-        let mut stats = Stats::default();
-        for shard in self.shards.iter() {
-            let c = &shard.counters;
-            stats.flights += c.flights.load(Ordering::Relaxed);
-            stats.waiters += c.waiters.load(Ordering::Relaxed);
-            stats.leaders += c.leaders.load(Ordering::Relaxed);
-            stats.followers += c.followers.load(Ordering::Relaxed);
-            stats.panics += c.panics.load(Ordering::Relaxed);
-            stats.abandoned += c.abandoned.load(Ordering::Relaxed);
-        }
-        stats
-    }
-}
-
-impl<K, T> Table<K, T> {
-    fn shard(&self, hash: u64) -> &Shard<K, T> {
-        // The map inside uses the low bits and hashbrown's tag the top ones,
-        // so pick the shard from the middle.
-        let index = (hash >> 32) as usize & (self.shards.len() - 1);
-        &self.shards[index]
-    }
-
-    /// Takes `flight` out of the map if it is still there. Needs the shard
-    /// lock, which the caller passes in.
-    fn unlink(map: &mut FlightMap<K, T>, flight: &Arc<Flight<K, T>>) {
-        if !flight.registered.swap(false, Ordering::Relaxed) {
-            return;
-        }
-        if let Entry::Occupied(mut occupied) = map.entry(flight.hash) {
-            if occupied.get_mut().remove(flight) {
-                occupied.remove();
-            }
-        }
-    }
 }
 
 // --- impl Ticket ---
@@ -527,115 +355,6 @@ impl<T: Clone> State<T> {
     }
 }
 
-// --- impl Bucket ---
-
-impl<K: Eq, T> Bucket<K, T> {
-    fn find(&self, key: &K) -> Option<&Arc<Flight<K, T>>> {
-        match self {
-            Self::One(flight) => (flight.key == *key).then_some(flight),
-            Self::Many(flights) => flights.iter().find(|flight| flight.key == *key),
-        }
-    }
-
-    fn push(&mut self, flight: Arc<Flight<K, T>>) {
-        match self {
-            Self::One(first) => {
-                let first = Arc::clone(first);
-                *self = Self::Many(vec![first, flight]);
-            }
-            Self::Many(flights) => flights.push(flight),
-        }
-    }
-
-    fn len(&self) -> usize {
-        match self {
-            Self::One(_) => 1,
-            Self::Many(flights) => flights.len(),
-        }
-    }
-}
-
-impl<K, T> Bucket<K, T> {
-    /// Removes `flight`; returns whether the bucket is now empty.
-    fn remove(&mut self, flight: &Arc<Flight<K, T>>) -> bool {
-        match self {
-            Self::One(only) => Arc::ptr_eq(only, flight),
-            Self::Many(flights) => {
-                flights.retain(|other| !Arc::ptr_eq(other, flight));
-                flights.is_empty()
-            }
-        }
-    }
-}
-
-// --- impl Wakers ---
-
-/// A slab of waiter wakers: a slot per waiting ticket, reused once freed.
-#[derive(Default)]
-struct Wakers {
-    slots: Vec<Slot>,
-    /// Head of the list of free slots.
-    free: Option<usize>,
-}
-
-enum Slot {
-    Free(Option<usize>),
-    Used(Option<Waker>),
-}
-
-impl Wakers {
-    fn insert(&mut self) -> usize {
-        match self.free {
-            Some(index) => {
-                let Slot::Free(next) = self.slots[index] else {
-                    unreachable!("free list points at a used slot");
-                };
-                self.free = next;
-                self.slots[index] = Slot::Used(None);
-                index
-            }
-            None => {
-                self.slots.push(Slot::Used(None));
-                self.slots.len() - 1
-            }
-        }
-    }
-
-    /// Stores `waker` in `slot`, unless the one there wakes the same task.
-    fn register(&mut self, slot: usize, waker: &Waker) {
-        if let Some(Slot::Used(stored)) = self.slots.get_mut(slot) {
-            match stored {
-                Some(old) if old.will_wake(waker) => {}
-                _ => *stored = Some(waker.clone()),
-            }
-        }
-    }
-
-    fn remove(&mut self, slot: usize) {
-        // After publish the slab is empty; nothing is left to free.
-        if slot < self.slots.len() {
-            self.slots[slot] = Slot::Free(self.free);
-            self.free = Some(slot);
-        }
-    }
-
-    /// Takes the waker of one waiting ticket, to hand a parked call over.
-    fn take_one(&mut self) -> Option<Waker> {
-        self.slots.iter_mut().find_map(|slot| match slot {
-            Slot::Used(waker) => waker.take(),
-            Slot::Free(_) => None,
-        })
-    }
-
-    fn wake_all(self) {
-        for slot in self.slots {
-            if let Slot::Used(Some(waker)) = slot {
-                waker.wake();
-            }
-        }
-    }
-}
-
 /// Spawns a detached driver on the current tokio runtime. Outside one, the
 /// driver is dropped, and with it the call: the flight is abandoned.
 fn spawn_detached<K, T>(driver: Ticket<K, T>)
@@ -656,25 +375,5 @@ impl<K, T: Clone> Future for Detached<K, T> {
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         self.0.poll(cx).map(drop)
-    }
-}
-
-/// A hasher for keys that are already hashes.
-#[derive(Default)]
-struct HashIsKey(u64);
-
-impl Hasher for HashIsKey {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        for &byte in bytes {
-            self.0 = self.0.rotate_left(8) ^ u64::from(byte);
-        }
-    }
-
-    fn write_u64(&mut self, hash: u64) {
-        self.0 = hash;
     }
 }
