@@ -136,7 +136,9 @@ pub enum Role {
     Leader,
     /// Joined a flight in progress and waits for its outcome.
     Follower,
-    /// Reached its wait limit as a follower and made a call of its own.
+    /// Joined as a follower, then made a call of its own: it reached its wait
+    /// limit, or (in the HTTP layer) the flight's response could not be
+    /// shared with it.
     Fallback,
     /// Had no key, so it went straight to the inner service.
     Bypass,

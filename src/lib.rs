@@ -79,6 +79,8 @@
 pub mod error;
 pub mod future;
 mod group;
+#[cfg(feature = "http")]
+pub mod http;
 mod inflight;
 pub mod key;
 mod layer;

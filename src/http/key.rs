@@ -1,0 +1,188 @@
+//! [`HttpKey`], the identity-safe default key of the HTTP layer.
+
+use std::fmt;
+use std::sync::Arc;
+
+use http::header::{AUTHORIZATION, COOKIE, HOST, PROXY_AUTHORIZATION};
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{HeaderName, HeaderValue, Method, Request};
+use http_body::Body;
+
+use crate::key::KeyExtractor;
+
+/// The request headers that say who is asking. They are always part of an
+/// [`HttpKey`]'s key, so that no caller is ever handed a response made for
+/// another.
+pub const IDENTITY_HEADERS: [HeaderName; 3] = [AUTHORIZATION, COOKIE, PROXY_AUTHORIZATION];
+
+/// The default key of the HTTP layer: what a request asks for, and who asks.
+///
+/// Two requests share a flight only when they agree on all of:
+///
+/// - the method;
+/// - the scheme and authority of the URI, or the `Host` header when the URI
+///   has no authority (as on an HTTP/1 server);
+/// - the path and query;
+/// - every value, in order, of each of the [`IDENTITY_HEADERS`]
+///   (`Authorization`, `Cookie`, `Proxy-Authorization`) and of each header
+///   added with [`header`](HttpKey::header).
+///
+/// Only `GET` and `HEAD` requests get a key; [`method`](HttpKey::method)
+/// adds more. A request whose body is not known to be empty gets none either,
+/// unless [`ignore_bodies`](HttpKey::ignore_bodies) says otherwise. Requests
+/// without a key go straight to the inner service.
+///
+/// Headers outside the key that the response depends on are handled by the
+/// response's `Vary` header: see the [module docs](crate::http).
+///
+/// # Examples
+///
+/// ```
+/// use http::{header, Request};
+/// use tower_singleflight::http::HttpKey;
+/// use tower_singleflight::key::KeyExtractor;
+///
+/// let key = HttpKey::new().header(header::ACCEPT_LANGUAGE);
+/// let get = |user: &str, lang: &str| {
+///     Request::get("https://example.com/feed?page=2")
+///         .header(header::AUTHORIZATION, user)
+///         .header(header::ACCEPT_LANGUAGE, lang)
+///         .body(String::new())
+///         .unwrap()
+/// };
+///
+/// // Same resource, same user, same language: one flight.
+/// assert_eq!(key.extract(&get("alice", "en")), key.extract(&get("alice", "en")));
+/// // Another user, or another language: another flight.
+/// assert_ne!(key.extract(&get("alice", "en")), key.extract(&get("bob", "en")));
+/// assert_ne!(key.extract(&get("alice", "en")), key.extract(&get("alice", "fr")));
+///
+/// // A POST goes straight through.
+/// let post = Request::post("https://example.com/feed").body(String::new()).unwrap();
+/// assert_eq!(key.extract(&post), None);
+/// ```
+#[derive(Clone, Debug)]
+pub struct HttpKey {
+    // Shared, so that the per-request clones of a service cost no allocation.
+    headers: Arc<[HeaderName]>,
+    methods: Arc<[Method]>,
+    ignore_bodies: bool,
+}
+
+/// The key an [`HttpKey`] makes: opaque, compared field by field.
+///
+/// Its `Debug` shows the method and the path only, never the query or a
+/// header value: those may carry secrets.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct RequestKey {
+    method: Method,
+    scheme: Option<Scheme>,
+    authority: Option<Authority>,
+    path_and_query: Option<PathAndQuery>,
+    headers: Vec<(HeaderName, HeaderValue)>,
+}
+
+impl HttpKey {
+    /// A key of method, authority, path, query and the
+    /// [`IDENTITY_HEADERS`], for `GET` and `HEAD` requests without a body.
+    pub fn new() -> Self {
+        Self {
+            headers: Arc::new([]),
+            methods: Arc::new([]),
+            ignore_bodies: false,
+        }
+    }
+
+    /// Adds every value of the request header `name` to the key: requests
+    /// that differ in it never share a flight.
+    ///
+    /// Use it for headers the response depends on, such as
+    /// `Accept-Language` or a tenant header.
+    pub fn header(mut self, name: HeaderName) -> Self {
+        if !IDENTITY_HEADERS.contains(&name) && !self.headers.contains(&name) {
+            self.headers = self.headers.iter().cloned().chain([name]).collect();
+        }
+        self
+    }
+
+    /// Lets requests with `method` coalesce too, besides `GET` and `HEAD`.
+    ///
+    /// Only for methods that are safe to answer once for many callers: a
+    /// `POST` that changes state must reach the server once per caller.
+    pub fn method(mut self, method: Method) -> Self {
+        if !self.coalesces(&method) {
+            self.methods = self.methods.iter().cloned().chain([method]).collect();
+        }
+        self
+    }
+
+    /// Lets requests with a body coalesce, ignoring the body: it is **not**
+    /// part of the key, and only the leader's body reaches the server.
+    ///
+    /// Only for routes whose response never depends on the request body. By
+    /// default a request whose body is not known to be empty goes straight
+    /// through.
+    pub fn ignore_bodies(mut self, enabled: bool) -> Self {
+        self.ignore_bodies = enabled;
+        self
+    }
+
+    fn coalesces(&self, method: &Method) -> bool {
+        *method == Method::GET || *method == Method::HEAD || self.methods.contains(method)
+    }
+}
+
+impl Default for HttpKey {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<B: Body> KeyExtractor<Request<B>> for HttpKey {
+    type Key = RequestKey;
+
+    fn extract(&self, req: &Request<B>) -> Option<RequestKey> {
+        // Methods and bodies that must not coalesce go straight through.
+        if !self.coalesces(req.method()) {
+            return None;
+        }
+        let body = req.body();
+        if !self.ignore_bodies && !body.is_end_stream() && body.size_hint().exact() != Some(0) {
+            return None;
+        }
+
+        // The URI's authority, else the `Host` header; a bad one declines.
+        let uri = req.uri();
+        let authority = match (uri.authority(), req.headers().get(HOST)) {
+            (Some(authority), _) => Some(authority.clone()),
+            (None, Some(host)) => Some(Authority::try_from(host.as_bytes()).ok()?),
+            (None, None) => None,
+        };
+
+        // Who asks, and the user's further headers, every value in order.
+        let mut headers = Vec::new();
+        for name in IDENTITY_HEADERS.iter().chain(self.headers.iter()) {
+            for value in req.headers().get_all(name) {
+                headers.push((name.clone(), value.clone()));
+            }
+        }
+
+        Some(RequestKey {
+            method: req.method().clone(),
+            scheme: uri.scheme().cloned(),
+            authority,
+            path_and_query: uri.path_and_query().cloned(),
+            headers,
+        })
+    }
+}
+
+impl fmt::Debug for RequestKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let path = self.path_and_query.as_ref().map_or("", PathAndQuery::path);
+        f.debug_struct("RequestKey")
+            .field("method", &self.method)
+            .field("path", &path)
+            .finish_non_exhaustive()
+    }
+}

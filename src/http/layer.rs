@@ -1,0 +1,225 @@
+//! [`HttpLayer`], the HTTP configuration of [`SingleflightLayer`].
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::response;
+use tower_layer::Layer;
+
+use crate::group::{Config, Group, OnWaitLimit, OwnGroup};
+use crate::http::key::HttpKey;
+use crate::http::response::Predicate;
+use crate::http::service::HttpSingleflight;
+use crate::layer::SingleflightLayer;
+
+/// How large a response body may be and still be buffered and shared: 1 MiB.
+///
+/// Over it, the leader streams its response whole, and followers make their
+/// own calls. Set another limit with [`HttpLayer::body_limit`].
+pub const DEFAULT_BODY_LIMIT: usize = 1024 * 1024;
+
+/// Wraps HTTP services in [`HttpSingleflight`]: [`SingleflightLayer`] made
+/// for `http::Request` and `http::Response`, whose bodies are not `Clone`.
+///
+/// Made by [`SingleflightLayer::http`] with the default key ([`HttpKey`]), or
+/// by [`HttpLayer::new`] with a key of your own. The leader's response is
+/// read once, up to a [body limit](HttpLayer::body_limit), and replayed to
+/// every caller; responses that must not be shared are not. See the
+/// [module docs](crate::http) for the whole story.
+///
+/// # Examples
+///
+/// ```
+/// use std::time::Duration;
+/// use axum::{routing::get, Router};
+/// use tower_singleflight::{OnWaitLimit, SingleflightLayer};
+///
+/// let app: Router = Router::new()
+///     .route("/report", get(|| async { "an expensive report" }))
+///     .layer(
+///         SingleflightLayer::http()
+///             .body_limit(256 * 1024)
+///             .role_header(true)
+///             .follower_wait_limit(Duration::from_secs(5), OnWaitLimit::CallOwn),
+///     );
+/// # drop(app);
+/// ```
+#[derive(Clone)]
+pub struct HttpLayer<K = HttpKey, G = OwnGroup> {
+    extractor: K,
+    group: G,
+    settings: Arc<Settings>,
+}
+
+/// What the HTTP layer does with responses, shared by its services.
+#[derive(Clone)]
+pub(crate) struct Settings {
+    /// The most body bytes buffered for sharing.
+    pub(crate) body_limit: usize,
+    /// A user's further test of whether a response may be shared.
+    pub(crate) shareable: Option<Predicate>,
+    /// Whether responses carry the [`ROLE_HEADER`](crate::http::ROLE_HEADER).
+    pub(crate) role_header: bool,
+}
+
+impl SingleflightLayer<HttpKey> {
+    /// The HTTP configuration: coalesces `GET` and `HEAD` requests on an
+    /// [`HttpKey`], buffers and replays responses up to
+    /// [`DEFAULT_BODY_LIMIT`], and answers its own failures with 500 and 503
+    /// responses.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use axum::{routing::get, Router};
+    /// use tower_singleflight::SingleflightLayer;
+    ///
+    /// let app: Router = Router::new()
+    ///     .route("/", get(|| async { "hello" }))
+    ///     .layer(SingleflightLayer::http());
+    /// # drop(app);
+    /// ```
+    pub fn http() -> HttpLayer {
+        HttpLayer::new(HttpKey::new())
+    }
+}
+
+impl<K> HttpLayer<K> {
+    /// Creates a layer that keys requests with `extractor`.
+    ///
+    /// Any [`KeyExtractor`] over `http::Request<B>` works, such as a closure
+    /// or an [`HttpKey`] with more headers. A key must hold everything the
+    /// response depends on, including who asks.
+    ///
+    /// [`KeyExtractor`]: crate::key::KeyExtractor
+    pub fn new(extractor: K) -> Self {
+        let settings = Settings {
+            body_limit: DEFAULT_BODY_LIMIT,
+            shareable: None,
+            role_header: false,
+        };
+        Self {
+            extractor,
+            group: OwnGroup::new(Config::default()),
+            settings: Arc::new(settings),
+        }
+    }
+
+    /// Limits how long followers wait for a flight; see
+    /// [`Group::follower_wait_limit`]. A follower failing with
+    /// [`OnWaitLimit::Fail`] gets a 503 response.
+    pub fn follower_wait_limit(mut self, limit: Duration, then: OnWaitLimit) -> Self {
+        self.group.config_mut().wait_limit = Some((limit, then));
+        self
+    }
+
+    /// Lets abandoned flights run to completion; see
+    /// [`Group::run_to_completion`].
+    pub fn run_to_completion(mut self, enabled: bool) -> Self {
+        self.group.config_mut().run_to_completion = enabled;
+        self
+    }
+
+    /// Makes every service this layer wraps share `group`, whose settings
+    /// then apply. Its type is `Group<RequestKey, FlightResponse<B>>` for the
+    /// default key and an inner response body `B`.
+    pub fn with_group<Key, T>(self, group: Group<Key, T>) -> HttpLayer<K, Group<Key, T>> {
+        HttpLayer {
+            extractor: self.extractor,
+            group,
+            settings: self.settings,
+        }
+    }
+}
+
+impl<K, G> HttpLayer<K, G> {
+    /// Keys requests with `extractor` instead.
+    pub fn key<K2>(self, extractor: K2) -> HttpLayer<K2, G> {
+        HttpLayer {
+            extractor,
+            group: self.group,
+            settings: self.settings,
+        }
+    }
+
+    /// Buffers and shares response bodies of up to `bytes` bytes (by default
+    /// [`DEFAULT_BODY_LIMIT`]).
+    ///
+    /// A longer body is never truncated: the leader streams it whole, the
+    /// bytes read so far in front, and each follower makes its own call.
+    pub fn body_limit(mut self, bytes: usize) -> Self {
+        Arc::make_mut(&mut self.settings).body_limit = bytes;
+        self
+    }
+
+    /// Shares a response only if `predicate` holds for its head, besides the
+    /// built-in rules; replaces any earlier predicate.
+    ///
+    /// A response it rejects goes to the leader alone, and each follower
+    /// makes its own call.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use tower_singleflight::SingleflightLayer;
+    ///
+    /// // Share successes only: every caller retries a failure on its own.
+    /// let layer = SingleflightLayer::http().shareable(|res| res.status.is_success());
+    /// # drop(layer);
+    /// ```
+    pub fn shareable<F>(mut self, predicate: F) -> Self
+    where
+        F: Fn(&response::Parts) -> bool + Send + Sync + 'static,
+    {
+        Arc::make_mut(&mut self.settings).shareable = Some(Arc::new(predicate));
+        self
+    }
+
+    /// Whether every response carries a [`ROLE_HEADER`] saying how it was
+    /// produced, for clients to see; off by default.
+    ///
+    /// [`ROLE_HEADER`]: crate::http::ROLE_HEADER
+    pub fn role_header(mut self, enabled: bool) -> Self {
+        Arc::make_mut(&mut self.settings).role_header = enabled;
+        self
+    }
+}
+
+impl<S, K: Clone> Layer<S> for HttpLayer<K> {
+    type Service = HttpSingleflight<S, K>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        // Each wrapped service gets its own flights.
+        let (extractor, settings) = (self.extractor.clone(), Arc::clone(&self.settings));
+        HttpSingleflight::new(inner, extractor, self.group.fresh(), settings)
+    }
+}
+
+impl<S, K: Clone, Key, T> Layer<S> for HttpLayer<K, Group<Key, T>> {
+    type Service = HttpSingleflight<S, K, Group<Key, T>>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        let (extractor, settings) = (self.extractor.clone(), Arc::clone(&self.settings));
+        HttpSingleflight::new(inner, extractor, self.group.clone(), settings)
+    }
+}
+
+impl<K, G: fmt::Debug> fmt::Debug for HttpLayer<K, G> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HttpLayer")
+            .field("group", &self.group)
+            .field("settings", &self.settings)
+            .finish_non_exhaustive()
+    }
+}
+
+impl fmt::Debug for Settings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Settings")
+            .field("body_limit", &self.body_limit)
+            .field("shareable", &self.shareable.as_ref().map(|_| ".."))
+            .field("role_header", &self.role_header)
+            .finish()
+    }
+}
