@@ -46,12 +46,14 @@
 //! # }
 //! ```
 //!
-//! For an axum service, see `examples/axum.rs` in the repository.
+//! For an axum service, see `examples/axum.rs` in the repository, and the
+//! [`http`] module.
 //!
 //! # The contract
 //!
 //! - At most one inner call per key at any moment; it is made once, with
-//!   the leader's request. Followers' requests are dropped as they join.
+//!   the leader's request. Followers' requests are dropped as they join
+//!   (HTTP followers keep theirs until they know the response suits them).
 //! - The call goes on while any caller still waits for it, whoever leaves
 //!   first, and is dropped when the last one leaves (or, opted in, runs to
 //!   completion).
@@ -66,6 +68,8 @@
 //!
 //! # Features
 //!
+//! - `http` (default): [`SingleflightLayer::http`] and the [`http`] module,
+//!   which make HTTP responses shareable and key requests safely.
 //! - `tracing`: a span per flight and `trace`/`debug` events for leaders,
 //!   followers and failures, with a hash of the key, never the key.
 //!
