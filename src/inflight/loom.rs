@@ -40,7 +40,12 @@ impl Backend {
         this.live.fetch_add(1, Ordering::SeqCst);
         let alive = Alive(Arc::clone(this));
         poll_fn(move |cx| {
+            // An open gate answers at once, leaving the one waker slot to a
+            // call that still waits.
             let backend = &alive.0;
+            if backend.open.load(Ordering::SeqCst) {
+                return Poll::Ready(Ok(value));
+            }
             backend.waker.register(cx.waker().clone());
             if backend.open.load(Ordering::SeqCst) {
                 Poll::Ready(Ok(value))

@@ -23,87 +23,104 @@ use std::hash::Hash;
 use std::mem;
 use std::panic::{self, AssertUnwindSafe};
 use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 
 use crate::error::Error;
 use crate::sync::{lock, Arc, AtomicBool, Mutex, Ordering};
 
-use self::table::Counters;
 pub(crate) use self::table::Table;
+use self::table::{Counters, FlightMap, Shard};
 use self::wakers::Wakers;
 
 /// The inner call of a flight, boxed so that driving it can pass between
-/// waiters.
+/// callers and a task.
 pub(crate) type Call<T> = Pin<Box<dyn Future<Output = Result<T, Error>> + Send>>;
 
 /// What a waiter gets: the outcome, and whether it went to more than one.
 pub(crate) type Delivery<T> = (Result<T, Error>, bool);
 
+/// Spawns a flight's driving task, or hands it back when there is no tokio
+/// runtime to spawn it on.
+type Spawn<K, T> = fn(Driver<K, T>) -> Result<(), Driver<K, T>>;
+
 /// One inner call, shared by every caller whose key equals `key`.
 pub(crate) struct Flight<K, T> {
     key: K,
     hash: u64,
-    /// Runs the call to completion in a task of its own once every waiter
-    /// has left; `None` unless the leader's group asked for it. A function
-    /// pointer, so that leaving needs none of the bounds spawning does.
-    detach: Option<fn(Ticket<K, T>)>,
+    /// Set at creation, where the bounds spawning needs are known, so that
+    /// leaving needs none of them.
+    spawn: Spawn<K, T>,
+    /// Run the call to completion once every caller has left.
+    detach: bool,
     /// Whether the shard's map points at this flight. Read and written only
     /// with the shard's lock held.
     registered: AtomicBool,
     state: Mutex<State<T>>,
 }
 
-/// The part of a flight its waiters change, guarded by the flight's mutex.
+/// The part of a flight its callers and its task change, guarded by the
+/// flight's mutex.
 struct State<T> {
-    /// Live tickets: the leader, the followers and a detached driver.
-    /// Raised by `join` (under the shard lock too), lowered by each ticket
-    /// as it takes the outcome or leaves.
+    /// Callers whose futures are alive: the leader and the followers.
+    /// Raised by `join` (under the shard lock too), lowered by each as it
+    /// takes the outcome or leaves.
     waiters: usize,
-    /// Followers that ever joined; read at publish to tell the driver whether
+    /// Followers that ever joined; read at publish to tell the leader whether
     /// its outcome was shared.
     followers: usize,
-    /// Wakers of waiters that wait for the outcome. Emptied at publish.
+    /// Wakers of callers that wait for the outcome. Emptied at publish.
     wakers: Wakers,
-    /// The inner call while no waiter drives it: its driver left and a
-    /// follower has yet to take it up. Set by `leave`, taken by `poll`.
-    parked: Option<Call<T>>,
+    /// The inner call, between polls. Taken out by whoever polls it and put
+    /// back when it is still pending; `None` while it is polled, and once it
+    /// has finished or been dropped.
+    call: Option<Call<T>>,
+    /// Who polls the call.
+    driver: Driving,
+    /// The slot of the caller that polled the call last, while the callers
+    /// drive it: the one the call will wake.
+    poller: Option<usize>,
     /// The published outcome, until the last waiter took it.
     outcome: Option<Result<T, Error>>,
     /// Set once the outcome is published or the flight abandoned.
     done: bool,
 }
 
-/// A caller's place in a flight. Dropping it leaves the flight.
-pub(crate) struct Ticket<K, T> {
-    table: Arc<Table<K, T>>,
-    flight: Arc<Flight<K, T>>,
-    seat: Seat<T>,
-    /// A detached driver is no caller: it is not counted as a waiter in the
-    /// stats, and it never detaches again.
-    detached: bool,
+/// Who polls a flight's call.
+enum Driving {
+    /// The callers: the one the call wakes polls it. So it is while the call
+    /// has one caller, and always where no task can be spawned.
+    Callers,
+    /// A task of its own, once more than one caller waits for it, with that
+    /// task's waker, to tell it when every caller has left.
+    Task(Option<Waker>),
+    /// No task could be spawned: the callers drive it, for good.
+    NoRuntime,
 }
 
-enum Seat<T> {
-    /// Owns the inner call; `None` only between `join` and `start`.
-    Driving(Option<Call<T>>),
-    /// Waits for the outcome with a waker in this slot.
-    Waiting(usize),
-    /// Took its outcome.
-    Left,
+/// A caller's place in a flight. Dropping it leaves the flight.
+pub(crate) struct Ticket<K, T> {
+    flight: Seat<K, T>,
+    /// The caller's slot in the flight's wakers; `None` before its call is
+    /// started and once it has left.
+    slot: Option<usize>,
+}
+
+/// The task that drives a shared call.
+pub(crate) struct Driver<K, T> {
+    flight: Seat<K, T>,
+    /// Set once the task has ended the flight, or found it ended.
+    finished: bool,
+}
+
+/// A flight, with the table it is in.
+struct Seat<K, T> {
+    table: Arc<Table<K, T>>,
+    flight: Arc<Flight<K, T>>,
 }
 
 // --- impl Ticket ---
 
 impl<K, T: Clone> Ticket<K, T> {
-    fn new(table: Arc<Table<K, T>>, flight: Arc<Flight<K, T>>, seat: Seat<T>) -> Self {
-        Self {
-            table,
-            flight,
-            seat,
-            detached: false,
-        }
-    }
-
     /// Starts the leader's call, inside the flight's span when tracing. A
     /// panic while making it becomes the flight's outcome, delivered at the
     /// first poll.
@@ -112,87 +129,294 @@ impl<K, T: Clone> Ticket<K, T> {
         F: Future<Output = Result<T, Error>> + Send + 'static,
         T: Send + 'static,
     {
-        debug_assert!(
-            matches!(self.seat, Seat::Driving(None)),
-            "start by a non-leader"
-        );
+        debug_assert!(self.slot.is_none(), "start by a non-leader");
         #[cfg(feature = "tracing")]
-        let span = tracing::trace_span!("singleflight.flight", key_hash = self.flight.hash);
+        let span = tracing::trace_span!("singleflight.flight", key_hash = self.flight.hash());
         #[cfg(feature = "tracing")]
         let make = || tracing::Instrument::instrument(span.in_scope(make), span.clone());
 
         let call: Call<T> = match panic::catch_unwind(AssertUnwindSafe(make)) {
             Ok(call) => Box::pin(call),
             Err(payload) => {
-                self.counters().panics.fetch_add(1, Ordering::Relaxed);
+                self.flight
+                    .counters()
+                    .panics
+                    .fetch_add(1, Ordering::Relaxed);
                 Box::pin(std::future::ready(Err(Error::panicked(&*payload))))
             }
         };
-        self.seat = Seat::Driving(Some(call));
+
+        // Park the call until someone polls it, so that a leader that is
+        // never polled holds no one up. Followers that joined already get a
+        // task to drive it.
+        let mut state = lock(&self.flight.flight.state);
+        self.slot = Some(state.wakers.insert());
+        state.call = Some(call);
+        let spawn = state.waiters > 1 && state.hire();
+        drop(state);
+        if spawn {
+            self.flight.spawn_driver();
+        }
     }
 
-    /// Drives the call or waits for its outcome.
+    /// Waits for the outcome, polling the call while the callers drive it.
     ///
     /// # Panics
     ///
     /// When polled again after it returned the outcome.
     pub(crate) fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Delivery<T>> {
-        loop {
-            match &mut self.seat {
-                // The driver polls the inner call in its own task. A panic in
-                // it is caught here and becomes everyone's outcome.
-                Seat::Driving(Some(call)) => {
-                    let polled = panic::catch_unwind(AssertUnwindSafe(|| call.as_mut().poll(cx)));
-                    let outcome = match polled {
-                        Ok(Poll::Pending) => return Poll::Pending,
-                        Ok(Poll::Ready(outcome)) => outcome,
-                        Err(payload) => {
-                            self.counters().panics.fetch_add(1, Ordering::Relaxed);
-                            Err(Error::panicked(&*payload))
-                        }
-                    };
-                    return Poll::Ready(self.publish(outcome));
-                }
-                Seat::Driving(None) => panic!("flight polled before its call was started"),
+        let slot = self
+            .slot
+            .expect("flight polled after it delivered its outcome");
+        let mut state = lock(&self.flight.flight.state);
 
-                // A waiter takes the outcome, takes up a parked call, or
-                // registers to be woken.
-                Seat::Waiting(slot) => {
-                    let slot = *slot;
-                    let mut state = lock(&self.flight.state);
-                    if state.done {
-                        let delivery = state.take_outcome(slot);
-                        drop(state);
-                        self.seat = Seat::Left;
-                        self.counters().waiters.fetch_sub(1, Ordering::Relaxed);
-                        return Poll::Ready(delivery);
-                    }
-                    if let Some(call) = state.parked.take() {
-                        state.wakers.remove(slot);
-                        drop(state);
-                        self.seat = Seat::Driving(Some(call));
-                        continue;
-                    }
-                    state.wakers.register(slot, cx.waker());
-                    return Poll::Pending;
-                }
-                Seat::Left => panic!("flight polled after it delivered its outcome"),
-            }
+        // Published: take the outcome.
+        if state.done {
+            let delivery = state.take_outcome(slot);
+            drop(state);
+            self.slot = None;
+            self.flight
+                .counters()
+                .waiters
+                .fetch_sub(1, Ordering::Relaxed);
+            return Poll::Ready(delivery);
+        }
+
+        // Driven by the callers and not being polled: poll it, in this
+        // caller's task, with no lock held.
+        let callers_drive = matches!(state.driver, Driving::Callers | Driving::NoRuntime);
+        if let Some(mut call) = callers_drive.then(|| state.call.take()).flatten() {
+            state.poller = Some(slot);
+            drop(state);
+            let Poll::Ready(outcome) = self.flight.counters().poll_call(&mut call, cx) else {
+                return self.put_back(call, slot, cx);
+            };
+            self.slot = None;
+            return Poll::Ready(self.flight.publish(outcome, Some(slot)));
+        }
+
+        // Someone else drives it: wait to be woken by the outcome.
+        state.wakers.register(slot, cx.waker());
+        Poll::Pending
+    }
+
+    /// Parks a call that is still pending. When more than one caller waits
+    /// for it, a task drives it from now on, and each caller waits to be
+    /// woken once, by the outcome.
+    fn put_back(&mut self, call: Call<T>, slot: usize, cx: &mut Context<'_>) -> Poll<Delivery<T>> {
+        let mut state = lock(&self.flight.flight.state);
+        state.call = Some(call);
+        state.wakers.register(slot, cx.waker());
+        let spawn = state.waiters > 1 && state.hire();
+        drop(state);
+        if spawn {
+            self.flight.spawn_driver();
+        }
+        Poll::Pending
+    }
+}
+
+impl<K, T> Ticket<K, T> {
+    pub(crate) fn new(
+        table: Arc<Table<K, T>>,
+        flight: Arc<Flight<K, T>>,
+        slot: Option<usize>,
+    ) -> Self {
+        Self {
+            flight: Seat { table, flight },
+            slot,
         }
     }
 
-    /// Hands the driver's outcome to every waiter and frees the key.
-    fn publish(&mut self, outcome: Result<T, Error>) -> Delivery<T> {
-        self.seat = Seat::Left;
+    /// Leaves the flight before taking its outcome.
+    fn leave(&mut self, slot: usize) {
+        let seat = &self.flight;
+        let shard = seat.shard();
+        shard.counters.waiters.fetch_sub(1, Ordering::Relaxed);
+        let mut map = lock(&shard.map);
+        let mut state = lock(&seat.flight.state);
+        state.waiters -= 1;
+        state.wakers.remove(slot);
 
+        // Finished already: free the outcome with the last waiter.
+        if state.done {
+            let outcome = (state.waiters == 0).then(|| state.outcome.take());
+            drop((state, map));
+            return drop(outcome);
+        }
+
+        // Others still wait. Driven by the callers, the call may wake this
+        // one next: wake another to take it up.
+        let polled_last = state.poller == Some(slot);
+        if polled_last {
+            state.poller = None;
+        }
+        if state.waiters > 0 {
+            let next = polled_last.then(|| state.hand_over()).flatten();
+            drop((state, map));
+            return next.into_iter().for_each(Waker::wake);
+        }
+
+        // The last caller left: the call runs on in a task if it is to run to
+        // completion; otherwise it is dropped, and its task told to stop. A
+        // call being polled right now is dropped by its task, which will find
+        // no caller left.
+        if seat.flight.detach && state.hire() {
+            drop((state, map));
+            return seat.spawn_driver();
+        }
+        if seat.flight.detach {
+            return;
+        }
+        let call = state.call.take();
+        let task = match &mut state.driver {
+            Driving::Task(waker) => waker.take(),
+            Driving::Callers | Driving::NoRuntime => None,
+        };
+        if call.is_some() {
+            seat.abandon(&mut map, &mut state);
+        }
+        drop((state, map));
+        drop(call);
+        task.into_iter().for_each(Waker::wake);
+    }
+}
+
+impl<K, T> Drop for Ticket<K, T> {
+    fn drop(&mut self) {
+        if let Some(slot) = self.slot.take() {
+            self.leave(slot);
+        }
+    }
+}
+
+// --- impl Driver ---
+
+impl<K, T: Clone> Driver<K, T> {
+    /// Polls the call until it finishes, or until every caller has left.
+    fn drive(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        let seat = &self.flight;
+        loop {
+            let mut state = lock(&seat.flight.state);
+
+            // Ended by someone else, or to end now that no one waits.
+            if state.done {
+                self.finished = true;
+                return Poll::Ready(());
+            }
+            if state.waiters == 0 && !seat.flight.detach {
+                drop(state);
+                if seat.abandon_idle() {
+                    self.finished = true;
+                    return Poll::Ready(());
+                }
+                continue;
+            }
+
+            // Poll the call with no lock held, leaving a waker for the last
+            // caller out.
+            match &mut state.driver {
+                Driving::Task(Some(waker)) if waker.will_wake(cx.waker()) => {}
+                driver => *driver = Driving::Task(Some(cx.waker().clone())),
+            }
+            let Some(mut call) = state.call.take() else {
+                return Poll::Pending;
+            };
+            drop(state);
+            if let Poll::Ready(outcome) = seat.counters().poll_call(&mut call, cx) {
+                drop(seat.publish(outcome, None));
+                self.finished = true;
+                return Poll::Ready(());
+            }
+
+            // Still pending: park it, and stop if every caller left meanwhile.
+            let mut state = lock(&seat.flight.state);
+            state.call = Some(call);
+            if state.waiters > 0 || seat.flight.detach {
+                return Poll::Pending;
+            }
+        }
+    }
+}
+
+impl<K, T> Drop for Driver<K, T> {
+    /// A task dropped before its flight ended (its runtime shut down, or it
+    /// could not be spawned) leaves the call to the callers.
+    fn drop(&mut self) {
+        if self.finished {
+            return;
+        }
+        let seat = &self.flight;
+        let shard = seat.shard();
+        let mut map = lock(&shard.map);
+        let mut state = lock(&seat.flight.state);
+        state.driver = Driving::NoRuntime;
+        if state.done {
+            return;
+        }
+        if state.waiters > 0 {
+            let next = state.hand_over();
+            drop((state, map));
+            return next.into_iter().for_each(Waker::wake);
+        }
+        let call = state.call.take();
+        seat.abandon(&mut map, &mut state);
+        drop((state, map));
+        drop(call);
+    }
+}
+
+// --- impl Seat ---
+
+impl<K, T> Seat<K, T> {
+    fn shard(&self) -> &Shard<K, T> {
+        self.table.shard(self.flight.hash)
+    }
+
+    fn counters(&self) -> &Counters {
+        &self.shard().counters
+    }
+
+    #[cfg(feature = "tracing")]
+    fn hash(&self) -> u64 {
+        self.flight.hash
+    }
+
+    /// Spawns the flight's driving task; without a runtime, the task is
+    /// dropped at once, and its drop leaves the call to the callers.
+    fn spawn_driver(&self) {
+        #[cfg(feature = "tracing")]
+        tracing::trace!(
+            key_hash = self.flight.hash,
+            "driving a shared call in a task"
+        );
+        let driver = Driver {
+            flight: Seat {
+                table: Arc::clone(&self.table),
+                flight: Arc::clone(&self.flight),
+            },
+            finished: false,
+        };
+        drop((self.flight.spawn)(driver));
+    }
+
+    /// Hands out the flight's outcome to every waiter and frees the key.
+    /// `slot` is the publishing caller's, if a caller publishes.
+    fn publish(&self, outcome: Result<T, Error>, slot: Option<usize>) -> Delivery<T>
+    where
+        T: Clone,
+    {
         // Free the key first: from here on, a new caller starts a new flight.
-        let shard = self.table.shard(self.flight.hash);
+        let shard = self.shard();
         Table::unlink(&mut lock(&shard.map), &self.flight);
 
         // Then store the outcome for the waiters that joined before.
         let (wakers, shared) = {
             let mut state = lock(&self.flight.state);
-            state.waiters -= 1;
+            if let Some(slot) = slot {
+                state.wakers.remove(slot);
+                state.waiters -= 1;
+            }
             state.done = true;
             if state.waiters > 0 {
                 let copy = match &outcome {
@@ -204,7 +428,7 @@ impl<K, T: Clone> Ticket<K, T> {
             (mem::take(&mut state.wakers), state.followers > 0)
         };
         shard.counters.flights.fetch_sub(1, Ordering::Relaxed);
-        if !self.detached {
+        if slot.is_some() {
             shard.counters.waiters.fetch_sub(1, Ordering::Relaxed);
         }
 
@@ -220,124 +444,104 @@ impl<K, T: Clone> Ticket<K, T> {
         wakers.wake_all();
         (outcome, shared)
     }
-}
 
-impl<K, T> Ticket<K, T> {
-    fn counters(&self) -> &Counters {
-        &self.table.shard(self.flight.hash).counters
-    }
-
-    /// Leaves the flight before taking its outcome.
-    fn leave(&mut self) {
-        let seat = mem::replace(&mut self.seat, Seat::Left);
-        let shard = self.table.shard(self.flight.hash);
-        if !self.detached {
-            shard.counters.waiters.fetch_sub(1, Ordering::Relaxed);
-        }
+    /// Ends a flight no caller waits for, unless one joined meanwhile.
+    /// Returns whether the flight is over.
+    fn abandon_idle(&self) -> bool {
+        let shard = self.shard();
         let mut map = lock(&shard.map);
         let mut state = lock(&self.flight.state);
-        state.waiters -= 1;
-        let call = match seat {
-            Seat::Waiting(slot) => {
-                state.wakers.remove(slot);
-                None
-            }
-            Seat::Driving(call) => call,
-            Seat::Left => unreachable!("left twice"),
-        };
-
-        // Finished already: free the outcome with the last waiter.
-        if state.done {
-            let outcome = if state.waiters == 0 {
-                state.outcome.take()
-            } else {
-                None
-            };
-            drop((state, map));
-            drop(outcome);
-            return;
-        }
-
-        // Others still wait: park the call for one of them to take up.
-        if let Some(call) = call {
-            debug_assert!(state.parked.is_none(), "two drivers of one flight");
-            state.parked = Some(call);
-            #[cfg(feature = "tracing")]
-            tracing::trace!(
-                key_hash = self.flight.hash,
-                "driver left; handing the call over"
-            );
-        }
         if state.waiters > 0 {
-            let next = if state.parked.is_some() {
-                state.wakers.take_one()
-            } else {
-                None
-            };
-            drop((state, map));
-            if let Some(waker) = next {
-                waker.wake();
-            }
-            return;
+            return false;
         }
+        let call = state.call.take();
+        if !state.done {
+            self.abandon(&mut map, &mut state);
+        }
+        drop((state, map));
+        drop(call);
+        true
+    }
 
-        // The last waiter left. Either a detached driver finishes the call, or
-        // the call is dropped and the key freed.
-        let call = state.parked.take();
-        debug_assert!(call.is_some(), "no driver and no parked call");
-        if let (Some(spawn), false) = (self.flight.detach, self.detached) {
-            // The detached driver counts as a waiter, so new callers join it.
-            state.waiters = 1;
-            drop((state, map));
-            spawn(Ticket {
-                table: Arc::clone(&self.table),
-                flight: Arc::clone(&self.flight),
-                seat: Seat::Driving(call),
-                detached: true,
-            });
-            return;
-        }
+    /// Marks the flight abandoned and frees its key, with both locks held.
+    /// The caller drops the call once it has let go of them: its
+    /// destructor is user code.
+    fn abandon(&self, map: &mut FlightMap<K, T>, state: &mut State<T>) {
         state.done = true;
-        Table::unlink(&mut map, &self.flight);
+        Table::unlink(map, &self.flight);
+        let counters = &self.shard().counters;
+        counters.flights.fetch_sub(1, Ordering::Relaxed);
+        counters.abandoned.fetch_add(1, Ordering::Relaxed);
         #[cfg(feature = "tracing")]
         tracing::trace!(
             key_hash = self.flight.hash,
             "every waiter left; dropping the call"
         );
-        drop((state, map));
-        shard.counters.flights.fetch_sub(1, Ordering::Relaxed);
-        shard.counters.abandoned.fetch_add(1, Ordering::Relaxed);
-
-        // Drop the call last, with no lock held: its destructor is user code.
-        drop(call);
     }
 }
 
-impl<K, T> Drop for Ticket<K, T> {
-    fn drop(&mut self) {
-        if !matches!(self.seat, Seat::Left) {
-            self.leave();
+// --- impl Counters ---
+
+impl Counters {
+    /// Polls a call, turning a panic into its error and counting it.
+    fn poll_call<T>(&self, call: &mut Call<T>, cx: &mut Context<'_>) -> Poll<Result<T, Error>> {
+        match panic::catch_unwind(AssertUnwindSafe(|| call.as_mut().poll(cx))) {
+            Ok(polled) => polled,
+            Err(payload) => {
+                self.panics.fetch_add(1, Ordering::Relaxed);
+                Poll::Ready(Err(Error::panicked(&*payload)))
+            }
         }
     }
 }
 
 // --- impl State ---
 
-impl<T: Clone> State<T> {
+impl<T> State<T> {
     fn new() -> Self {
         Self {
             waiters: 1,
             followers: 0,
             wakers: Wakers::default(),
-            parked: None,
+            call: None,
+            driver: Driving::Callers,
+            poller: None,
             outcome: None,
             done: false,
         }
     }
 
+    /// Hands a parked call to a task, if the callers drive it. Returns
+    /// whether to spawn one: outside a tokio runtime, the callers drive the
+    /// call for good instead.
+    fn hire(&mut self) -> bool {
+        if !matches!(self.driver, Driving::Callers) || self.call.is_none() {
+            return false;
+        }
+        if tokio::runtime::Handle::try_current().is_err() {
+            self.driver = Driving::NoRuntime;
+            return false;
+        }
+        self.driver = Driving::Task(None);
+        self.poller = None;
+        true
+    }
+
+    /// Picks a waiting caller to poll the parked call next, and returns its
+    /// waker. It counts as the last poller until it polls, so that if it
+    /// leaves first, it hands the call over in turn.
+    fn hand_over(&mut self) -> Option<Waker> {
+        let (slot, waker) = self.wakers.take_one()?;
+        self.poller = Some(slot);
+        Some(waker)
+    }
+
     /// Takes this waiter's copy of the published outcome: the last one out
     /// takes the stored value itself.
-    fn take_outcome(&mut self, slot: usize) -> Delivery<T> {
+    fn take_outcome(&mut self, slot: usize) -> Delivery<T>
+    where
+        T: Clone,
+    {
         self.wakers.remove(slot);
         self.waiters -= 1;
         let outcome = if self.waiters == 0 {
@@ -355,25 +559,26 @@ impl<T: Clone> State<T> {
     }
 }
 
-/// Spawns a detached driver on the current tokio runtime. Outside one, the
-/// driver is dropped, and with it the call: the flight is abandoned.
-fn spawn_detached<K, T>(driver: Ticket<K, T>)
+/// Spawns a driving task on the current tokio runtime; outside one, hands
+/// the driver back.
+fn spawn_driver<K, T>(driver: Driver<K, T>) -> Result<(), Driver<K, T>>
 where
     K: Hash + Eq + Send + Sync + 'static,
     T: Clone + Send + 'static,
 {
-    if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-        runtime.spawn(Detached(driver));
+    match tokio::runtime::Handle::try_current() {
+        Ok(runtime) => {
+            runtime.spawn(driver);
+            Ok(())
+        }
+        Err(_) => Err(driver),
     }
 }
 
-/// A driver that runs a call nobody waits for any more, in its own task.
-struct Detached<K, T>(Ticket<K, T>);
-
-impl<K, T: Clone> Future for Detached<K, T> {
+impl<K, T: Clone> Future for Driver<K, T> {
     type Output = ();
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        self.0.poll(cx).map(drop)
+        self.drive(cx)
     }
 }

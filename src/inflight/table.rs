@@ -3,7 +3,7 @@
 use std::collections::hash_map::{Entry, HashMap, RandomState};
 use std::hash::{BuildHasher, BuildHasherDefault, Hash, Hasher};
 
-use super::{spawn_detached, Flight, Seat, State, Ticket};
+use super::{spawn_driver, Flight, State, Ticket};
 use crate::sync::{lock, Arc, AtomicBool, AtomicU64, Mutex, Ordering};
 use crate::Stats;
 
@@ -88,19 +88,25 @@ impl<K: Hash + Eq, T: Clone> Table<K, T> {
         // A flight in progress: become one of its waiters.
         if let Some(flight) = map.get(&hash).and_then(|bucket| bucket.find(&key)) {
             let flight = Arc::clone(flight);
-            let slot = {
+            let (slot, spawn) = {
                 let mut state = lock(&flight.state);
                 debug_assert!(!state.done, "a registered flight has finished");
                 state.waiters += 1;
                 state.followers += 1;
-                state.wakers.insert()
+                (state.wakers.insert(), state.hire())
             };
             drop(map);
             #[cfg(feature = "tracing")]
             tracing::trace!(key_hash = hash, "joined a flight in progress as a follower");
             shard.counters.followers.fetch_add(1, Ordering::Relaxed);
             shard.counters.waiters.fetch_add(1, Ordering::Relaxed);
-            let ticket = Ticket::new(Arc::clone(this), flight, Seat::Waiting(slot));
+            let ticket = Ticket::new(Arc::clone(this), flight, Some(slot));
+
+            // The call was parked between a lone caller's polls: now that it
+            // is shared, a task of its own drives it.
+            if spawn {
+                ticket.flight.spawn_driver();
+            }
             return (ticket, false);
         }
 
@@ -108,7 +114,8 @@ impl<K: Hash + Eq, T: Clone> Table<K, T> {
         let flight = Arc::new(Flight {
             key,
             hash,
-            detach: detach.then_some(spawn_detached::<K, T> as fn(Ticket<K, T>)),
+            spawn: spawn_driver::<K, T>,
+            detach,
             registered: AtomicBool::new(true),
             state: Mutex::new(State::new()),
         });
@@ -126,10 +133,7 @@ impl<K: Hash + Eq, T: Clone> Table<K, T> {
         counters.leaders.fetch_add(1, Ordering::Relaxed);
         counters.flights.fetch_add(1, Ordering::Relaxed);
         counters.waiters.fetch_add(1, Ordering::Relaxed);
-        (
-            Ticket::new(Arc::clone(this), flight, Seat::Driving(None)),
-            true,
-        )
+        (Ticket::new(Arc::clone(this), flight, None), true)
     }
 
     /// Unlinks the flight for `key`, so the next caller starts a new one.

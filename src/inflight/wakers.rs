@@ -51,10 +51,12 @@ impl Wakers {
         }
     }
 
-    /// Takes the waker of one waiting ticket, to hand a parked call over.
-    pub(super) fn take_one(&mut self) -> Option<Waker> {
-        self.slots.iter_mut().find_map(|slot| match slot {
-            Slot::Used(waker) => waker.take(),
+    /// Takes the waker of one waiting ticket, and its slot, to hand a
+    /// parked call over.
+    pub(super) fn take_one(&mut self) -> Option<(usize, Waker)> {
+        let mut slots = self.slots.iter_mut().enumerate();
+        slots.find_map(|(index, slot)| match slot {
+            Slot::Used(waker) => Some(index).zip(waker.take()),
             Slot::Free(_) => None,
         })
     }
