@@ -83,6 +83,8 @@
 pub mod error;
 pub mod future;
 mod group;
+#[cfg(feature = "grpc")]
+pub mod grpc;
 #[cfg(feature = "http")]
 pub mod http;
 mod inflight;

@@ -246,7 +246,12 @@ fn failed<E: HttpError, B: Body>(error: Error) -> Result<Response<ResponseBody<B
 }
 
 /// Says how `res` was produced: in an extension, and in a header if asked.
-fn mark<B>(mut res: Response<B>, role: Role, shared: bool, settings: &Settings) -> Response<B> {
+pub(crate) fn mark<B>(
+    mut res: Response<B>,
+    role: Role,
+    shared: bool,
+    settings: &Settings,
+) -> Response<B> {
     res.extensions_mut().insert(Coalescing { role, shared });
     if settings.role_header {
         res.headers_mut().insert(ROLE_HEADER, role_value(role));

@@ -9,7 +9,7 @@ use tower_layer::Layer;
 
 use crate::group::{Config, Group, OnWaitLimit, OwnGroup};
 use crate::http::key::HttpKey;
-use crate::http::response::Predicate;
+use crate::http::response::{Overflow, Predicate};
 use crate::http::service::HttpSingleflight;
 use crate::layer::SingleflightLayer;
 
@@ -61,6 +61,9 @@ pub(crate) struct Settings {
     pub(crate) shareable: Option<Predicate>,
     /// Whether responses carry the [`ROLE_HEADER`](crate::http::ROLE_HEADER).
     pub(crate) role_header: bool,
+    /// A protocol's further rule that stops buffering (the gRPC layer stops
+    /// at a second message); none for plain HTTP.
+    pub(crate) overflow: Option<Overflow>,
 }
 
 impl SingleflightLayer<HttpKey> {
@@ -98,6 +101,7 @@ impl<K> HttpLayer<K> {
             body_limit: DEFAULT_BODY_LIMIT,
             shareable: None,
             role_header: false,
+            overflow: None,
         };
         Self {
             extractor,
@@ -220,6 +224,7 @@ impl fmt::Debug for Settings {
             .field("body_limit", &self.body_limit)
             .field("shareable", &self.shareable.as_ref().map(|_| ".."))
             .field("role_header", &self.role_header)
+            .field("overflow", &self.overflow.is_some())
             .finish()
     }
 }

@@ -82,3 +82,11 @@ pub use self::key::{HttpKey, RequestKey, IDENTITY_HEADERS};
 pub use self::layer::{HttpLayer, DEFAULT_BODY_LIMIT};
 pub use self::response::FlightResponse;
 pub use self::service::{HttpCall, HttpSingleflight};
+
+// What the gRPC layer builds on.
+#[cfg(feature = "grpc")]
+pub(crate) use self::{
+    future::mark,
+    layer::Settings,
+    service::{take, RequestSlot},
+};

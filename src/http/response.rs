@@ -12,9 +12,14 @@ use http_body::Body;
 use http_body_util::BodyExt;
 
 use crate::http::body::ResponseBody;
+use crate::http::layer::Settings;
 
 /// A user's test of whether a response may be shared.
 pub(crate) type Predicate = Arc<dyn Fn(&response::Parts) -> bool + Send + Sync>;
+
+/// A protocol's test of a body being buffered, given the chunks read so far
+/// and their total length: true once it must not be shared, whatever follows.
+pub(crate) type Overflow = fn(&VecDeque<Bytes>, usize) -> bool;
 
 /// The outcome of one flight of the HTTP layer, as its waiters share it.
 ///
@@ -57,19 +62,17 @@ struct Buffered {
 }
 
 impl<B: Body> FlightResponse<B> {
-    /// Reads `res` whole, up to `limit` bytes, if it may be shared.
+    /// Reads `res` whole, up to the body limit, if it may be shared.
     ///
     /// `leader` holds the headers of the request that made it, to record
     /// what its `Vary` depends on. A response that sets a cookie, varies on
-    /// `*`, fails `shareable`, runs past `limit` or fails while being read
-    /// is kept whole, for its own caller only.
-    pub(crate) async fn read(
-        res: Response<B>,
-        leader: &HeaderMap,
-        limit: usize,
-        shareable: Option<&Predicate>,
-    ) -> Self {
+    /// `*`, fails the `shareable` predicate, runs past the body limit or the
+    /// `overflow` rule, or fails while being read is kept whole, for its own
+    /// caller only.
+    pub(crate) async fn read(res: Response<B>, leader: &HeaderMap, settings: &Settings) -> Self {
         // Unshareable by its head: keep it, untouched.
+        let (limit, shareable) = (settings.body_limit, settings.shareable.as_ref());
+        let overflow = settings.overflow.unwrap_or(|_, _| false);
         let (parts, body) = res.into_parts();
         let vary = vary_on(&parts.headers, leader)
             .filter(|_| !parts.headers.contains_key(SET_COOKIE))
@@ -97,7 +100,7 @@ impl<B: Body> FlightResponse<B> {
                 Ok(mut data) => {
                     len += data.remaining();
                     read.push_back(data.copy_to_bytes(data.remaining()));
-                    if len > limit {
+                    if len > limit || overflow(&read, len) {
                         return Self::private(parts, ResponseBody::resume(read, Ok(body)));
                     }
                 }

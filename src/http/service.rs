@@ -106,6 +106,17 @@ pub struct HttpCall<S, B> {
     settings: Arc<Settings>,
 }
 
+impl<S, B> HttpCall<S, B> {
+    /// The work of a flight that sends the request in `request` to `inner`.
+    pub(crate) fn new(inner: S, request: RequestSlot<B>, settings: Arc<Settings>) -> Self {
+        Self {
+            inner,
+            request,
+            settings,
+        }
+    }
+}
+
 impl<S, K, G> HttpSingleflight<S, K, G> {
     pub(crate) fn new(inner: S, extractor: K, group: G, settings: Arc<Settings>) -> Self {
         Self {
@@ -169,10 +180,9 @@ where
         // The request stays in its slot unless the leader's call takes it:
         // a follower keeps it until it knows the response suits it.
         let request = Arc::new(Mutex::new(Some(req)));
-        let work = || HttpCall {
-            inner: self.inner.clone(),
-            request: Arc::clone(&request),
-            settings: Arc::clone(&settings),
+        let work = || {
+            let (request, settings) = (Arc::clone(&request), Arc::clone(&settings));
+            HttpCall::new(self.inner.clone(), request, settings)
         };
         let run = self.group.group().run_with(key, work);
         ResponseFuture::flight(run, request, &self.inner, settings)
@@ -198,8 +208,7 @@ where
         let settings = self.settings;
         Box::pin(async move {
             let res = call.await?;
-            let (limit, shareable) = (settings.body_limit, settings.shareable.as_ref());
-            Ok(FlightResponse::read(res, &leader, limit, shareable).await)
+            Ok(FlightResponse::read(res, &leader, &settings).await)
         })
     }
 }
