@@ -317,12 +317,15 @@ pub trait GroupSource<K, T>: sealed::Sealed {
     fn group(&self) -> &Group<K, T>;
 }
 
-/// The group of a service wrapped without an explicit [`Group`]: made at the
-/// service's first call and shared by its clones, never by another service.
+/// The group of services wrapped without an explicit [`Group`]: made at the
+/// first call through it, and shared by whatever holds a clone of it.
 ///
-/// Services made by one [`SingleflightLayer`] each get their own. To share
-/// flights between services, or to call [`Group::forget`] and
-/// [`Group::stats`], hand the services a [`Group`] instead.
+/// Services made by one [`SingleflightLayer`] each get their own, never
+/// shared with another service. Services made by one HTTP or gRPC layer
+/// all share the layer's, since a server wraps its routes again for every
+/// connection. To share flights between layers, or to call
+/// [`Group::forget`] and [`Group::stats`], hand the services a [`Group`]
+/// instead.
 ///
 /// [`SingleflightLayer`]: crate::SingleflightLayer
 #[derive(Clone)]

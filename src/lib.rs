@@ -70,6 +70,8 @@
 //!
 //! - `http` (default): [`SingleflightLayer::http`] and the [`http`] module,
 //!   which make HTTP responses shareable and key requests safely.
+//! - `grpc` (default): [`SingleflightLayer::grpc`] and the [`grpc`] module,
+//!   which coalesce unary gRPC calls on tonic clients and servers.
 //! - `tracing`: a span per flight and `trace`/`debug` events for leaders,
 //!   followers and failures, with a hash of the key, never the key.
 //!

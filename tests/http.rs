@@ -167,6 +167,46 @@ fn roles(replies: &[Reply]) -> Vec<&str> {
 // --- the tests ---
 
 #[tokio::test(flavor = "current_thread")]
+async fn a_stateless_router_served_directly_coalesces_across_connections() {
+    bounded(async {
+        // The plainest wiring: a stateless router with the layer, served as
+        // it is. axum wraps its routes again for every connection; the
+        // layer's one group must still see every request.
+        let (backend, open) = Backend::new();
+        let calls = backend.clone();
+        let app: Router = Router::new()
+            .route(
+                "/item",
+                get(move || async move { calls.call().await.to_string() }),
+            )
+            .layer(SingleflightLayer::http());
+        let addr = serve(app).await;
+
+        // Twenty callers, each on a connection of its own.
+        let tasks: Vec<_> = (0..20)
+            .map(|_| {
+                let client = client();
+                let req = request(Method::GET, addr, "/item").body(Full::default());
+                tokio::spawn(async move { client.request(req.unwrap()).await })
+            })
+            .collect();
+        // The first reaches the handler; the others join it meanwhile.
+        until(|| backend.calls() == 1).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        open.send_replace(true);
+
+        // One handler call answers them all.
+        for task in tasks {
+            let res = task.await.unwrap().unwrap();
+            let body = res.into_body().collect().await.unwrap().to_bytes();
+            assert_eq!(body, "1");
+        }
+        assert_eq!(backend.calls(), 1);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "current_thread")]
 async fn two_hundred_identical_gets_make_one_handler_call_and_identical_replies() {
     bounded(async {
         // A handler whose replies carry a body, headers and its call number.

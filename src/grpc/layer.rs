@@ -282,10 +282,12 @@ impl<S, M: Clone, K: Clone> Layer<S> for GrpcLayer<M, K> {
     type Service = GrpcSingleflight<S, M, K>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        // Each wrapped service gets its own flights.
+        // Every service this layer wraps shares its flights, as for HTTP: a
+        // server applies its layers to each connection, and the key (the
+        // method's path) keeps different methods apart.
         let (make_body, extractor) = (self.make_body.clone(), self.extractor.clone());
         let settings = Arc::clone(&self.settings);
-        GrpcSingleflight::new(inner, make_body, extractor, self.group.fresh(), settings)
+        GrpcSingleflight::new(inner, make_body, extractor, self.group.clone(), settings)
     }
 }
 

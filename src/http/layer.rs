@@ -28,6 +28,20 @@ pub const DEFAULT_BODY_LIMIT: usize = 1024 * 1024;
 /// every caller; responses that must not be shared are not. See the
 /// [module docs](crate::http) for the whole story.
 ///
+/// Every service one layer wraps shares its flights (axum wraps each route,
+/// and each route again for every connection): one group serves them all,
+/// made at the first request. To read its counters, or to share flights
+/// between layers, hand it a group with
+/// [`with_group`](HttpLayer::with_group).
+///
+/// # Panics
+///
+/// The group the layer makes serves one key type and one response body
+/// type, as it does under axum, where every route answers with
+/// `axum::body::Body`. A layer without an explicit group that wraps
+/// services with different response body types panics at the first request
+/// of the second type; give each its own layer or group.
+///
 /// # Examples
 ///
 /// ```
@@ -194,9 +208,12 @@ impl<S, K: Clone> Layer<S> for HttpLayer<K> {
     type Service = HttpSingleflight<S, K>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        // Each wrapped service gets its own flights.
+        // Every service this layer wraps shares its flights: axum applies a
+        // router's layers to each route, and again for each connection, and
+        // requests on all of them must meet. The key (method, authority,
+        // path) keeps different routes' requests apart.
         let (extractor, settings) = (self.extractor.clone(), Arc::clone(&self.settings));
-        HttpSingleflight::new(inner, extractor, self.group.fresh(), settings)
+        HttpSingleflight::new(inner, extractor, self.group.clone(), settings)
     }
 }
 
