@@ -69,8 +69,9 @@ pin_project! {
             // Kept only by followers that may call on their own.
             work: Option<W>,
             limit: Option<(Instant, OnWaitLimit)>,
-            #[pin]
-            sleep: Option<Sleep>,
+            // Boxed, as only followers with a wait limit need it, and only
+            // once they wait.
+            sleep: Option<Pin<Box<Sleep>>>,
         },
         // A follower past its wait limit, making its own call.
         Own {
@@ -161,7 +162,7 @@ where
                     ticket,
                     work,
                     limit,
-                    mut sleep,
+                    sleep,
                 } => {
                     if let Poll::Ready((outcome, shared)) = ticket.poll(cx) {
                         *this.shared = shared;
@@ -173,11 +174,9 @@ where
                     let Some((deadline, then)) = *limit else {
                         return Poll::Pending;
                     };
-                    if sleep.is_none() {
-                        sleep.set(Some(tokio::time::sleep_until(deadline)));
-                    }
-                    let timer = sleep.as_pin_mut().expect("the timer was just set");
-                    if timer.poll(cx).is_pending() {
+                    let timer =
+                        sleep.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+                    if timer.as_mut().poll(cx).is_pending() {
                         return Poll::Pending;
                     }
 

@@ -196,7 +196,7 @@ where
         W::Future: Send + 'static,
         W::Error: Into<BoxError>,
     {
-        let (ticket, leads) = Table::join(&self.table, key, self.config.run_to_completion);
+        let (ticket, leads) = self.table.join(key, self.config.run_to_completion);
         if leads {
             return Run::lead(ticket, work);
         }

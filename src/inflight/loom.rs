@@ -65,7 +65,7 @@ type Delivered = (Result<u32, Error>, bool);
 
 /// Joins key 1; a new leader starts a call that answers `value` at once.
 fn arrive(table: &Arc<Table<u8, u32>>, backend: &Arc<Backend>, value: u32) -> Ticket<u8, u32> {
-    let (mut ticket, leads) = Table::join(table, 1, false);
+    let (mut ticket, leads) = table.join(1, false);
     if leads {
         backend.open.store(true, Ordering::SeqCst);
         ticket.start(|| Backend::call(backend, value));
@@ -74,7 +74,7 @@ fn arrive(table: &Arc<Table<u8, u32>>, backend: &Arc<Backend>, value: u32) -> Ti
 }
 
 fn leader(table: &Arc<Table<u8, u32>>, backend: &Arc<Backend>) -> Ticket<u8, u32> {
-    let (mut ticket, leads) = Table::join(&table, 1, false);
+    let (mut ticket, leads) = table.join(1, false);
     assert!(leads, "the first caller leads");
     ticket.start(|| Backend::call(backend, 7));
     ticket
@@ -137,7 +137,7 @@ fn loom_leader_dropped_while_a_follower_waits_hands_the_call_over() {
         let table = Arc::new(Table::new());
         let backend = Arc::new(Backend::default());
         let lead = leader(&table, &backend);
-        let (follower, leads) = Table::join(&table, 1, false);
+        let (follower, leads) = table.join(1, false);
         assert!(!leads);
 
         // The leader leaves while the follower waits and the call finishes.
@@ -193,7 +193,7 @@ fn loom_forget_during_a_flight_keeps_its_waiters() {
         let table = Arc::new(Table::new());
         let backend = Arc::new(Backend::default());
         let lead = leader(&table, &backend);
-        let (follower, _) = Table::join(&table, 1, false);
+        let (follower, _) = table.join(1, false);
 
         // One thread forgets the key and calls again; another waits.
         let again = {
@@ -219,9 +219,9 @@ fn loom_forget_during_a_flight_keeps_its_waiters() {
 fn loom_a_panicking_call_reaches_every_waiter() {
     loom::model(|| {
         let table: Arc<Table<u8, u32>> = Arc::new(Table::new());
-        let (mut lead, _) = Table::join(&table, 1, false);
+        let (mut lead, _) = table.join(1, false);
         lead.start(|| async { panic!("boom") });
-        let (follower, _) = Table::join(&table, 1, false);
+        let (follower, _) = table.join(1, false);
 
         // The follower waits in its own thread while the leader drives.
         let waiter = thread::spawn(move || wait(follower));

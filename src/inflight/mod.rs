@@ -47,6 +47,10 @@ type Spawn<K, T> = fn(Driver<K, T>) -> Result<(), Driver<K, T>>;
 pub(crate) struct Flight<K, T> {
     key: K,
     hash: u64,
+    /// The shard whose map holds the flight. Held here rather than reached
+    /// through the table, so that callers share no reference count across
+    /// keys.
+    shard: Arc<Shard<K, T>>,
     /// Set at creation, where the bounds spawning needs are known, so that
     /// leaving needs none of them.
     spawn: Spawn<K, T>,
@@ -112,9 +116,8 @@ pub(crate) struct Driver<K, T> {
     finished: bool,
 }
 
-/// A flight, with the table it is in.
+/// A ticket's or a driver's hold on its flight.
 struct Seat<K, T> {
-    table: Arc<Table<K, T>>,
     flight: Arc<Flight<K, T>>,
 }
 
@@ -217,13 +220,9 @@ impl<K, T: Clone> Ticket<K, T> {
 }
 
 impl<K, T> Ticket<K, T> {
-    pub(crate) fn new(
-        table: Arc<Table<K, T>>,
-        flight: Arc<Flight<K, T>>,
-        slot: Option<usize>,
-    ) -> Self {
+    pub(crate) fn new(flight: Arc<Flight<K, T>>, slot: Option<usize>) -> Self {
         Self {
-            flight: Seat { table, flight },
+            flight: Seat { flight },
             slot,
         }
     }
@@ -370,7 +369,7 @@ impl<K, T> Drop for Driver<K, T> {
 
 impl<K, T> Seat<K, T> {
     fn shard(&self) -> &Shard<K, T> {
-        self.table.shard(self.flight.hash)
+        &self.flight.shard
     }
 
     fn counters(&self) -> &Counters {
@@ -392,7 +391,6 @@ impl<K, T> Seat<K, T> {
         );
         let driver = Driver {
             flight: Seat {
-                table: Arc::clone(&self.table),
                 flight: Arc::clone(&self.flight),
             },
             finished: false,

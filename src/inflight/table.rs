@@ -11,7 +11,7 @@ use crate::Stats;
 pub(crate) struct Table<K, T> {
     /// Randomly keyed, so that untrusted keys cannot flood one bucket.
     hasher: RandomState,
-    shards: Box<[Shard<K, T>]>,
+    shards: Box<[Arc<Shard<K, T>>]>,
 }
 
 pub(super) type FlightMap<K, T> = HashMap<u64, Bucket<K, T>, BuildHasherDefault<HashIsKey>>;
@@ -62,9 +62,11 @@ impl<K: Hash + Eq, T: Clone> Table<K, T> {
             (cores * 4).next_power_of_two()
         };
         let shards = (0..count)
-            .map(|_| Shard {
-                map: Mutex::new(FlightMap::default()),
-                counters: Counters::default(),
+            .map(|_| {
+                Arc::new(Shard {
+                    map: Mutex::new(FlightMap::default()),
+                    counters: Counters::default(),
+                })
             })
             .collect();
         Self {
@@ -76,13 +78,13 @@ impl<K: Hash + Eq, T: Clone> Table<K, T> {
     /// Joins the flight for `key`, starting one if none is in progress.
     ///
     /// Returns the caller's ticket and whether it leads the new flight.
-    pub(crate) fn join(this: &Arc<Self>, key: K, detach: bool) -> (Ticket<K, T>, bool)
+    pub(crate) fn join(&self, key: K, detach: bool) -> (Ticket<K, T>, bool)
     where
         K: Send + Sync + 'static,
         T: Send + 'static,
     {
-        let hash = this.hasher.hash_one(&key);
-        let shard = this.shard(hash);
+        let hash = self.hasher.hash_one(&key);
+        let shard = self.shard(hash);
         let mut map = lock(&shard.map);
 
         // A flight in progress: become one of its waiters.
@@ -100,7 +102,7 @@ impl<K: Hash + Eq, T: Clone> Table<K, T> {
             tracing::trace!(key_hash = hash, "joined a flight in progress as a follower");
             shard.counters.followers.fetch_add(1, Ordering::Relaxed);
             shard.counters.waiters.fetch_add(1, Ordering::Relaxed);
-            let ticket = Ticket::new(Arc::clone(this), flight, Some(slot));
+            let ticket = Ticket::new(flight, Some(slot));
 
             // The call was parked between a lone caller's polls: now that it
             // is shared, a task of its own drives it.
@@ -114,6 +116,7 @@ impl<K: Hash + Eq, T: Clone> Table<K, T> {
         let flight = Arc::new(Flight {
             key,
             hash,
+            shard: Arc::clone(shard),
             spawn: spawn_driver::<K, T>,
             detach,
             registered: AtomicBool::new(true),
@@ -133,7 +136,7 @@ impl<K: Hash + Eq, T: Clone> Table<K, T> {
         counters.leaders.fetch_add(1, Ordering::Relaxed);
         counters.flights.fetch_add(1, Ordering::Relaxed);
         counters.waiters.fetch_add(1, Ordering::Relaxed);
-        (Ticket::new(Arc::clone(this), flight, None), true)
+        (Ticket::new(flight, None), true)
     }
 
     /// Unlinks the flight for `key`, so the next caller starts a new one.
@@ -157,7 +160,8 @@ impl<K: Hash + Eq, T: Clone> Table<K, T> {
 
     /// The number of keys with a flight in progress.
     pub(crate) fn len(&self) -> usize {
-        let keys = |shard: &Shard<K, T>| lock(&shard.map).values().map(Bucket::len).sum::<usize>();
+        let keys =
+            |shard: &Arc<Shard<K, T>>| lock(&shard.map).values().map(Bucket::len).sum::<usize>();
         self.shards.iter().map(keys).sum()
     }
 
@@ -178,7 +182,7 @@ impl<K: Hash + Eq, T: Clone> Table<K, T> {
 }
 
 impl<K, T> Table<K, T> {
-    pub(super) fn shard(&self, hash: u64) -> &Shard<K, T> {
+    pub(super) fn shard(&self, hash: u64) -> &Arc<Shard<K, T>> {
         // The map inside uses the low bits and hashbrown's tag the top ones,
         // so pick the shard from the middle.
         let index = (hash >> 32) as usize & (self.shards.len() - 1);
