@@ -126,10 +126,10 @@ impl Error {
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.kind {
-            Kind::Inner(_) => f.write_str("shared call failed"),
-            Kind::Panicked(Some(message)) => write!(f, "shared call panicked: {message}"),
-            Kind::Panicked(None) => f.write_str("shared call panicked"),
-            Kind::WaitLimit => f.write_str("wait limit reached before the shared call finished"),
+            Kind::Inner(_) => f.write_str("inner call failed"),
+            Kind::Panicked(Some(message)) => write!(f, "inner call panicked: {message}"),
+            Kind::Panicked(None) => f.write_str("inner call panicked"),
+            Kind::WaitLimit => f.write_str("wait limit reached before the inner call finished"),
         }
     }
 }

@@ -331,30 +331,43 @@ pub trait GroupSource<K, T>: sealed::Sealed {
 #[derive(Clone)]
 pub struct OwnGroup {
     config: Config,
-    slot: std::sync::Arc<OnceLock<Box<dyn Any + Send + Sync>>>,
+    slots: std::sync::Arc<[Slot; SLOTS]>,
 }
+
+/// One group of an [`OwnGroup`], made at the first call with its types.
+type Slot = OnceLock<Box<dyn Any + Send + Sync>>;
+
+/// How many key and response types one [`OwnGroup`] serves; a layer
+/// usually wraps services of one.
+const SLOTS: usize = 4;
 
 impl OwnGroup {
     pub(crate) fn new(config: Config) -> Self {
         Self {
             config,
-            slot: std::sync::Arc::default(),
+            slots: std::sync::Arc::default(),
         }
     }
 
-    /// A new, empty group slot with the same settings.
+    /// A new, empty group with the same settings.
     pub(crate) fn fresh(&self) -> Self {
         Self::new(self.config)
     }
 
-    pub(crate) fn config_mut(&mut self) -> &mut Config {
-        &mut self.config
+    /// Changes the settings of the groups made from now on. Clones made
+    /// before keep theirs, and their groups: the change makes a new, empty
+    /// group, so that services with different settings never share one.
+    pub(crate) fn configure(&mut self, change: impl FnOnce(&mut Config)) {
+        change(&mut self.config);
+        *self = self.fresh();
     }
 
-    /// The group, if the service has made its first call through it with
-    /// these key and response types.
+    /// The group for these key and response types, if a call through it
+    /// has made one.
     pub fn get<K: 'static, T: 'static>(&self) -> Option<&Group<K, T>> {
-        self.slot.get()?.downcast_ref()
+        self.slots
+            .iter()
+            .find_map(|slot| slot.get()?.downcast_ref())
     }
 }
 
@@ -363,13 +376,20 @@ where
     K: Hash + Eq + Send + Sync + 'static,
     T: Clone + Send + 'static,
 {
+    /// The group for these types, made at the first call with them.
+    ///
+    /// # Panics
+    ///
+    /// When the services sharing this group use more than four key and
+    /// response types between them.
     fn group(&self) -> &Group<K, T> {
         let make =
             || Box::new(Group::<K, T>::with_config(self.config)) as Box<dyn Any + Send + Sync>;
-        self.slot
-            .get_or_init(make)
-            .downcast_ref()
-            .expect("a service wrapped without an explicit group serves one request type")
+        let group = self
+            .slots
+            .iter()
+            .find_map(|slot| slot.get_or_init(make).downcast_ref());
+        group.expect("services sharing a layer's own group use at most four key and response types")
     }
 }
 
@@ -383,7 +403,10 @@ impl fmt::Debug for OwnGroup {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("OwnGroup")
             .field("config", &self.config)
-            .field("started", &self.slot.get().is_some())
+            .field(
+                "groups",
+                &self.slots.iter().filter(|s| s.get().is_some()).count(),
+            )
             .finish()
     }
 }

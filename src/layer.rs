@@ -48,14 +48,16 @@ impl<K> SingleflightLayer<K> {
     /// Limits how long followers wait for a flight; see
     /// [`Group::follower_wait_limit`].
     pub fn follower_wait_limit(mut self, limit: Duration, then: OnWaitLimit) -> Self {
-        self.group.config_mut().wait_limit = Some((limit, then));
+        self.group
+            .configure(|config| config.wait_limit = Some((limit, then)));
         self
     }
 
     /// Lets abandoned flights run to completion; see
     /// [`Group::run_to_completion`].
     pub fn run_to_completion(mut self, enabled: bool) -> Self {
-        self.group.config_mut().run_to_completion = enabled;
+        self.group
+            .configure(|config| config.run_to_completion = enabled);
         self
     }
 

@@ -876,3 +876,43 @@ async fn a_leader_has_no_wait_limit() {
     );
     assert_eq!(joined.elapsed(), Duration::from_secs(1));
 }
+
+// --- a call that asks for its own key ---
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_call_that_asks_for_its_own_key_runs_unshared_instead_of_waiting_for_itself() {
+    let group = Group::<u8, u32>::new();
+    let inner = group.clone();
+
+    // The call for key 1 asks the group for key 1 again, while it runs.
+    let outer = group.run(1, move || async move {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let nested = inner.run(1, || async { Ok::<_, io::Error>(41) }).await;
+        nested.map(|value| value + 1).map_err(io::Error::other)
+    });
+
+    // The nested call makes its own call rather than joining the flight it
+    // is part of, and nothing is left behind.
+    assert_eq!(within(outer).await.unwrap(), 42);
+    assert_eq!(group.len(), 0);
+    let stats = group.stats();
+    assert_eq!((stats.leaders, stats.followers, stats.flights), (2, 0, 0));
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_call_that_asks_for_its_own_key_while_shared_runs_unshared_too() {
+    let group = Group::<u8, u32>::new();
+    let inner = group.clone();
+
+    // Shared by two callers, the call runs in a task of its own; from there
+    // it asks for its own key.
+    let outer = group.run(1, move || async move {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let nested = inner.run(1, || async { Ok::<_, io::Error>(41) }).await;
+        nested.map(|value| value + 1).map_err(io::Error::other)
+    });
+    let follower = group.run(1, || async { Ok::<_, io::Error>(0) });
+    let (outer, follower) = tokio::join!(within(outer), within(follower));
+    assert_eq!((outer.unwrap(), follower.unwrap()), (42, 42));
+    assert_eq!(group.len(), 0);
+}

@@ -776,3 +776,163 @@ fn the_default_key_takes_the_host_header_and_lets_unsafe_requests_through() {
         "an ignored body is no part of the key",
     );
 }
+
+// --- requests and responses that are never shared ---
+
+#[test]
+fn upgrades_get_no_key_and_ranges_and_validators_are_part_of_it() {
+    use tower_singleflight::http::HttpKey;
+    use tower_singleflight::key::KeyExtractor;
+
+    let key = HttpKey::new();
+    let get = |headers: &[(&str, &str)]| {
+        let mut req = Request::get("http://example.com/file");
+        for (name, value) in headers {
+            req = req.header(*name, *value);
+        }
+        req.body(Full::<Bytes>::default()).unwrap()
+    };
+
+    // A WebSocket handshake, or any request to switch protocols, bypasses.
+    assert!(key.extract(&get(&[("upgrade", "websocket")])).is_none());
+    assert!(key
+        .extract(&get(&[("connection", "keep-alive, Upgrade")]))
+        .is_none());
+    assert!(key.extract(&get(&[("connection", "keep-alive")])).is_some());
+
+    // A range, or a validator, asks for another representation: another key.
+    let plain = key.extract(&get(&[]));
+    assert_ne!(plain, key.extract(&get(&[("range", "bytes=0-4")])));
+    assert_ne!(plain, key.extract(&get(&[("if-none-match", "\"v1\"")])));
+    assert_ne!(
+        plain,
+        key.extract(&get(&[("if-modified-since", "Tue, 1 Dec 2026")]))
+    );
+    let ranged = key.extract(&get(&[("range", "bytes=0-4")]));
+    assert_eq!(ranged, key.extract(&get(&[("range", "bytes=0-4")])));
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn an_event_stream_reaches_its_caller_at_once_and_is_never_shared() {
+    bounded(async {
+        // A stream of events that never ends.
+        let calls = Arc::new(AtomicUsize::new(0));
+        let counter = Arc::clone(&calls);
+        let events = move || {
+            counter.fetch_add(1, Ordering::SeqCst);
+            async {
+                let ticks = futures::stream::unfold(0u32, |n| async move {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    let frame = Frame::data(Bytes::from(format!("data: {n}\n\n")));
+                    Some((Ok::<_, Infallible>(frame), n + 1))
+                });
+                let mut res = Response::new(Body::new(StreamBody::new(ticks)));
+                let content_type = HeaderValue::from_static("text/event-stream");
+                res.headers_mut().insert(header::CONTENT_TYPE, content_type);
+                res
+            }
+        };
+        let app: Router = Router::new()
+            .route("/events", get(events))
+            .layer(SingleflightLayer::http());
+        let addr = serve(app).await;
+
+        // Two subscribers each get their head and a first event promptly,
+        // each from a call of its own.
+        let client = client();
+        for _ in 0..2 {
+            let req = request(Method::GET, addr, "/events").body(Full::default());
+            let res = tokio::time::timeout(Duration::from_secs(2), client.request(req.unwrap()));
+            let mut body = res
+                .await
+                .expect("the head comes at once")
+                .unwrap()
+                .into_body();
+            let first = tokio::time::timeout(Duration::from_secs(2), body.frame()).await;
+            let first = first
+                .expect("the first event comes at once")
+                .unwrap()
+                .unwrap();
+            assert_eq!(first.into_data().unwrap(), "data: 0\n\n");
+        }
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_body_slower_than_the_buffering_wait_streams_to_the_leader_and_followers_call_again() {
+    bounded(async {
+        // A body that takes about 400 ms to stream, against a 100 ms wait.
+        let calls = Arc::new(AtomicUsize::new(0));
+        let counter = Arc::clone(&calls);
+        let slow = move || {
+            counter.fetch_add(1, Ordering::SeqCst);
+            async {
+                let chunks = futures::stream::iter(0..4).then(|n| async move {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    Ok::<_, Infallible>(Frame::data(Bytes::from(format!("part {n};"))))
+                });
+                Response::new(Body::new(StreamBody::new(chunks)))
+            }
+        };
+        let layer = SingleflightLayer::http().buffer_wait(Duration::from_millis(100));
+        let app: Router = Router::new().route("/slow", get(slow)).layer(layer);
+        let addr = serve(app).await;
+
+        // Three callers at once: the leader's head comes before its body
+        // ends, and every caller gets the whole body.
+        let client = client();
+        let started = tokio::time::Instant::now();
+        let tasks = burst(3, &client, || request(Method::GET, addr, "/slow")).await;
+        let replies = replies(tasks).await;
+        assert!(started.elapsed() < Duration::from_secs(3));
+        for reply in &replies {
+            assert_eq!(reply.text(), "part 0;part 1;part 2;part 3;");
+        }
+
+        // The followers made their own calls rather than wait on a stream.
+        assert_eq!(calls.load(Ordering::SeqCst), 3);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn clones_of_a_layer_with_other_keys_or_settings_work_side_by_side() {
+    bounded(async {
+        // One base layer; a clone with another key type, and a clone with a
+        // wait limit, each on a route of its own.
+        let base = SingleflightLayer::http();
+        let path_only = base
+            .clone()
+            .key(|req: &Request<Body>| req.uri().path().to_owned());
+        let limited = base
+            .clone()
+            .follower_wait_limit(Duration::from_millis(50), OnWaitLimit::Fail);
+        let slow = || async {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            "slow"
+        };
+        let app: Router = Router::new()
+            .route("/a", get(|| async { "a" }).layer(base))
+            .route("/b", get(|| async { "b" }).layer(path_only))
+            .route("/c", get(slow).layer(limited));
+        let addr = serve(app).await;
+
+        // Each route answers; the clone with a wait limit applies it.
+        let client = client();
+        for path in ["/a", "/b"] {
+            let tasks = burst(1, &client, || request(Method::GET, addr, path)).await;
+            assert_eq!(replies(tasks).await[0].text(), &path[1..]);
+        }
+        let tasks = burst(3, &client, || request(Method::GET, addr, "/c")).await;
+        let mut statuses: Vec<u16> = replies(tasks)
+            .await
+            .iter()
+            .map(|r| r.status.as_u16())
+            .collect();
+        statuses.sort_unstable();
+        assert_eq!(statuses, [200, 503, 503]);
+    })
+    .await;
+}

@@ -454,13 +454,17 @@ impl Tally {
         let received: u64 = self.calls.values().map(|r| r.all).sum();
         assert_eq!(self.finished, received + self.panicked + self.elapsed);
 
-        // Every flight not abandoned delivered one call's outcome (a panic
-        // names no call, so panicked flights count apart); the probe made
-        // those calls, and a call for some of the abandoned flights.
+        // Every flight not abandoned finished its call, and each outcome
+        // that reached anyone came from one of them (a panic names no call,
+        // so panicked flights count apart). A shared call driven by its own
+        // task can finish just as its last caller leaves: its outcome then
+        // goes to no one, so delivered outcomes may fall short of finished
+        // flights, by a few races at most.
         assert_eq!(stats.panics, PANICS_RAISED.swap(0, SeqCst), "{stats:?}");
         let delivered = stats.leaders - stats.abandoned;
         let distinct = self.calls.len() as u64;
-        assert_eq!(distinct + stats.panics, delivered, "{stats:?}");
+        assert!(distinct + stats.panics <= delivered, "{stats:?}");
+        assert!(delivered - distinct - stats.panics <= delivered / 1000, "{stats:?}");
         assert!(self.panicked >= stats.panics, "{stats:?}");
         assert!(
             (delivered..=stats.leaders).contains(&calls_made),

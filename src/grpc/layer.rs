@@ -136,6 +136,7 @@ impl<M> GrpcLayer<M> {
             shareable: None,
             role_header: false,
             overflow: Some(past_one_message),
+            buffer_wait: crate::http::DEFAULT_BUFFER_WAIT,
         };
         let settings = GrpcSettings {
             http: Arc::new(http),
@@ -161,14 +162,16 @@ impl<M, K> GrpcLayer<M, K> {
     /// [`Group::follower_wait_limit`]. A follower failing with
     /// [`OnWaitLimit::Fail`] gets the status `UNAVAILABLE`.
     pub fn follower_wait_limit(mut self, limit: Duration, then: OnWaitLimit) -> Self {
-        self.group.config_mut().wait_limit = Some((limit, then));
+        self.group
+            .configure(|config| config.wait_limit = Some((limit, then)));
         self
     }
 
     /// Lets abandoned flights run to completion; see
     /// [`Group::run_to_completion`].
     pub fn run_to_completion(mut self, enabled: bool) -> Self {
-        self.group.config_mut().run_to_completion = enabled;
+        self.group
+            .configure(|config| config.run_to_completion = enabled);
         self
     }
 

@@ -3,7 +3,10 @@
 use std::fmt;
 use std::sync::Arc;
 
-use http::header::{AUTHORIZATION, COOKIE, HOST, PROXY_AUTHORIZATION};
+use http::header::{
+    AUTHORIZATION, CONNECTION, COOKIE, HOST, IF_MATCH, IF_MODIFIED_SINCE, IF_NONE_MATCH, IF_RANGE,
+    IF_UNMODIFIED_SINCE, PROXY_AUTHORIZATION, RANGE, UPGRADE,
+};
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderName, HeaderValue, Method, Request};
 use http_body::Body;
@@ -11,9 +14,29 @@ use http_body::Body;
 use crate::key::KeyExtractor;
 
 /// The request headers that say who is asking. They are always part of an
-/// [`HttpKey`]'s key, so that no caller is ever handed a response made for
-/// another.
+/// [`HttpKey`]'s key, so that a response made for one of these identities
+/// never reaches another.
+///
+/// They are not the only way a server can tell callers apart: an identity
+/// in another header (an API key), in a request extension (a TLS client
+/// certificate, the peer's address, an authenticated user set by an earlier
+/// layer) is invisible to the key. Add such headers with
+/// [`HttpKey::header`], or give the layer a key of your own.
 pub const IDENTITY_HEADERS: [HeaderName; 3] = [AUTHORIZATION, COOKIE, PROXY_AUTHORIZATION];
+
+/// The request headers that choose which representation of a resource the
+/// response carries (a part of it, or a `304 Not Modified`). They are
+/// always part of an [`HttpKey`]'s key: servers rarely name them in `Vary`,
+/// so a full `200` must never answer a range request, nor a `304` a request
+/// with no validator.
+pub const CONDITIONAL_HEADERS: [HeaderName; 6] = [
+    RANGE,
+    IF_RANGE,
+    IF_NONE_MATCH,
+    IF_MODIFIED_SINCE,
+    IF_MATCH,
+    IF_UNMODIFIED_SINCE,
+];
 
 /// The default key of the HTTP layer: what a request asks for, and who asks.
 ///
@@ -24,13 +47,16 @@ pub const IDENTITY_HEADERS: [HeaderName; 3] = [AUTHORIZATION, COOKIE, PROXY_AUTH
 ///   has no authority (as on an HTTP/1 server);
 /// - the path and query;
 /// - every value, in order, of each of the [`IDENTITY_HEADERS`]
-///   (`Authorization`, `Cookie`, `Proxy-Authorization`) and of each header
-///   added with [`header`](HttpKey::header).
+///   (`Authorization`, `Cookie`, `Proxy-Authorization`), of the
+///   [`CONDITIONAL_HEADERS`] (`Range`, `If-None-Match` and the like), and of
+///   each header added with [`header`](HttpKey::header).
 ///
 /// Only `GET` and `HEAD` requests get a key; [`method`](HttpKey::method)
 /// adds more. A request whose body is not known to be empty gets none either,
-/// unless [`ignore_bodies`](HttpKey::ignore_bodies) says otherwise. Requests
-/// without a key go straight to the inner service.
+/// unless [`ignore_bodies`](HttpKey::ignore_bodies) says otherwise, and
+/// neither does a request to switch protocols (`Upgrade`, or `Connection:
+/// upgrade`, as a WebSocket handshake asks): each such connection is its
+/// own. Requests without a key go straight to the inner service.
 ///
 /// Headers outside the key that the response depends on are handled by the
 /// response's `Vary` header: see the [module docs](crate::http).
@@ -99,7 +125,8 @@ impl HttpKey {
     /// Use it for headers the response depends on, such as
     /// `Accept-Language` or a tenant header.
     pub fn header(mut self, name: HeaderName) -> Self {
-        if !IDENTITY_HEADERS.contains(&name) && !self.headers.contains(&name) {
+        let built_in = IDENTITY_HEADERS.contains(&name) || CONDITIONAL_HEADERS.contains(&name);
+        if !built_in && !self.headers.contains(&name) {
             self.headers = self.headers.iter().cloned().chain([name]).collect();
         }
         self
@@ -150,6 +177,9 @@ impl<B: Body> KeyExtractor<Request<B>> for HttpKey {
         if !self.ignore_bodies && !body.is_end_stream() && body.size_hint().exact() != Some(0) {
             return None;
         }
+        if asks_to_upgrade(req.headers()) {
+            return None;
+        }
 
         // The URI's authority, else the `Host` header; a bad one declines.
         let uri = req.uri();
@@ -161,7 +191,8 @@ impl<B: Body> KeyExtractor<Request<B>> for HttpKey {
 
         // Who asks, and the user's further headers, every value in order.
         let mut headers = Vec::new();
-        for name in IDENTITY_HEADERS.iter().chain(self.headers.iter()) {
+        let names = IDENTITY_HEADERS.iter().chain(&CONDITIONAL_HEADERS);
+        for name in names.chain(self.headers.iter()) {
             for value in req.headers().get_all(name) {
                 headers.push((name.clone(), value.clone()));
             }
@@ -185,4 +216,15 @@ impl fmt::Debug for RequestKey {
             .field("path", &path)
             .finish_non_exhaustive()
     }
+}
+
+/// Whether a request asks to switch protocols on its connection.
+fn asks_to_upgrade(headers: &http::HeaderMap) -> bool {
+    let upgrade_token = |value: &HeaderValue| {
+        let tokens = value.to_str().unwrap_or_default().split(',');
+        tokens
+            .map(str::trim)
+            .any(|token| token.eq_ignore_ascii_case("upgrade"))
+    };
+    headers.contains_key(UPGRADE) || headers.get_all(CONNECTION).iter().any(upgrade_token)
 }

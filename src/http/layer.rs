@@ -19,6 +19,12 @@ use crate::layer::SingleflightLayer;
 /// own calls. Set another limit with [`HttpLayer::body_limit`].
 pub const DEFAULT_BODY_LIMIT: usize = 1024 * 1024;
 
+/// How long, by default, the leader's response body may take to arrive
+/// whole before it goes to the leader alone, streamed as it comes, and each
+/// follower makes its own call: half a second. See
+/// [`HttpLayer::buffer_wait`].
+pub const DEFAULT_BUFFER_WAIT: Duration = Duration::from_millis(500);
+
 /// Wraps HTTP services in [`HttpSingleflight`]: [`SingleflightLayer`] made
 /// for `http::Request` and `http::Response`, whose bodies are not `Clone`.
 ///
@@ -34,13 +40,15 @@ pub const DEFAULT_BODY_LIMIT: usize = 1024 * 1024;
 /// between layers, hand it a group with
 /// [`with_group`](HttpLayer::with_group).
 ///
+/// A clone of the layer shares its group; a clone given other settings
+/// (a wait limit, running to completion) gets a group of its own.
+///
 /// # Panics
 ///
-/// The group the layer makes serves one key type and one response body
-/// type, as it does under axum, where every route answers with
-/// `axum::body::Body`. A layer without an explicit group that wraps
-/// services with different response body types panics at the first request
-/// of the second type; give each its own layer or group.
+/// The layer's own group serves up to four key and response body types
+/// between the services that share it (under axum there is one: every
+/// route answers with `axum::body::Body`). A fifth panics at its first
+/// request; give such services a layer or a group of their own.
 ///
 /// # Examples
 ///
@@ -78,6 +86,9 @@ pub(crate) struct Settings {
     /// A protocol's further rule that stops buffering (the gRPC layer stops
     /// at a second message); none for plain HTTP.
     pub(crate) overflow: Option<Overflow>,
+    /// How long a response body may take to arrive whole before it goes to
+    /// its own caller, streamed, instead.
+    pub(crate) buffer_wait: Duration,
 }
 
 impl SingleflightLayer<HttpKey> {
@@ -116,6 +127,7 @@ impl<K> HttpLayer<K> {
             shareable: None,
             role_header: false,
             overflow: None,
+            buffer_wait: DEFAULT_BUFFER_WAIT,
         };
         Self {
             extractor,
@@ -128,14 +140,16 @@ impl<K> HttpLayer<K> {
     /// [`Group::follower_wait_limit`]. A follower failing with
     /// [`OnWaitLimit::Fail`] gets a 503 response.
     pub fn follower_wait_limit(mut self, limit: Duration, then: OnWaitLimit) -> Self {
-        self.group.config_mut().wait_limit = Some((limit, then));
+        self.group
+            .configure(|config| config.wait_limit = Some((limit, then)));
         self
     }
 
     /// Lets abandoned flights run to completion; see
     /// [`Group::run_to_completion`].
     pub fn run_to_completion(mut self, enabled: bool) -> Self {
-        self.group.config_mut().run_to_completion = enabled;
+        self.group
+            .configure(|config| config.run_to_completion = enabled);
         self
     }
 
@@ -159,6 +173,21 @@ impl<K, G> HttpLayer<K, G> {
             group: self.group,
             settings: self.settings,
         }
+    }
+
+    /// Waits at most `wait` (by default [`DEFAULT_BUFFER_WAIT`]), from the
+    /// response's head, for its body to arrive whole and be shared.
+    ///
+    /// The leader's response reaches no one until its body is read, so a
+    /// body that streams slowly (progress reports, long polls) would hold
+    /// the leader back, and one that never ends (server-sent events) would
+    /// hold it for ever. Past the wait, the leader gets the response
+    /// streamed, what was read first, and each follower makes its own
+    /// call. Responses of type `text/event-stream` are never buffered.
+    /// Needs tokio's time driver.
+    pub fn buffer_wait(mut self, wait: Duration) -> Self {
+        Arc::make_mut(&mut self.settings).buffer_wait = wait;
+        self
     }
 
     /// Buffers and shares response bodies of up to `bytes` bytes (by default

@@ -78,8 +78,8 @@ mod service;
 pub use self::body::ResponseBody;
 pub use self::error::HttpError;
 pub use self::future::{Coalescing, ResponseFuture, ROLE_HEADER};
-pub use self::key::{HttpKey, RequestKey, IDENTITY_HEADERS};
-pub use self::layer::{HttpLayer, DEFAULT_BODY_LIMIT};
+pub use self::key::{HttpKey, RequestKey, CONDITIONAL_HEADERS, IDENTITY_HEADERS};
+pub use self::layer::{HttpLayer, DEFAULT_BODY_LIMIT, DEFAULT_BUFFER_WAIT};
 pub use self::response::FlightResponse;
 pub use self::service::{HttpCall, HttpSingleflight};
 

@@ -65,15 +65,19 @@ impl<B: Body> FlightResponse<B> {
     /// Reads `res` whole, up to the body limit, if it may be shared.
     ///
     /// `leader` holds the headers of the request that made it, to record
-    /// what its `Vary` depends on. A response that sets a cookie, varies on
-    /// `*`, fails the `shareable` predicate, runs past the body limit or the
-    /// `overflow` rule, or fails while being read is kept whole, for its own
-    /// caller only.
+    /// what its `Vary` depends on. A response that switches protocols (1xx),
+    /// streams events (`text/event-stream`), sets a cookie, varies on `*`,
+    /// fails the `shareable` predicate, runs past the body limit, the
+    /// buffering wait or the `overflow` rule, or fails while being read is
+    /// kept whole, for its own caller only.
     pub(crate) async fn read(res: Response<B>, leader: &HeaderMap, settings: &Settings) -> Self {
         // Unshareable by its head: keep it, untouched.
         let (limit, shareable) = (settings.body_limit, settings.shareable.as_ref());
         let overflow = settings.overflow.unwrap_or(|_, _| false);
         let (parts, body) = res.into_parts();
+        if parts.status.is_informational() || is_event_stream(&parts.headers) {
+            return Self::private(parts, ResponseBody::pass(body));
+        }
         let vary = vary_on(&parts.headers, leader)
             .filter(|_| !parts.headers.contains_key(SET_COOKIE))
             .filter(|_| shareable.map_or(true, |shareable| shareable(&parts)));
@@ -84,17 +88,23 @@ impl<B: Body> FlightResponse<B> {
             return Self::private(parts, ResponseBody::pass(body));
         }
 
-        // Read it frame by frame until it ends, grows past the limit or fails.
+        // Read it frame by frame until it ends, grows past the limit, takes
+        // longer than the buffering wait, or fails.
         // NOTE: `collect` would lose what it read when stopped at the limit;
         // `frame` lets the caller keep it and stream on.
         let mut body = Box::pin(body);
         let mut read = VecDeque::new();
         let mut len = 0;
         let mut trailers = None;
-        while let Some(frame) = body.frame().await {
-            let frame = match frame {
-                Ok(frame) => frame,
-                Err(error) => return Self::private(parts, ResponseBody::resume(read, Err(error))),
+        let deadline = tokio::time::Instant::now() + settings.buffer_wait;
+        loop {
+            let frame = match tokio::time::timeout_at(deadline, body.frame()).await {
+                Err(_) => return Self::private(parts, ResponseBody::resume(read, Ok(body))),
+                Ok(None) => break,
+                Ok(Some(Ok(frame))) => frame,
+                Ok(Some(Err(error))) => {
+                    return Self::private(parts, ResponseBody::resume(read, Err(error)));
+                }
             };
             match frame.into_data() {
                 Ok(mut data) => {
@@ -231,4 +241,11 @@ fn concat(mut chunks: VecDeque<Bytes>, len: usize) -> Bytes {
         whole.extend_from_slice(&chunk);
     }
     whole.freeze()
+}
+
+/// Whether a response is a stream of server-sent events, which may never
+/// end: it goes to its own caller as it comes.
+fn is_event_stream(headers: &HeaderMap) -> bool {
+    let content_type = headers.get(http::header::CONTENT_TYPE);
+    content_type.is_some_and(|value| value.as_bytes().starts_with(b"text/event-stream"))
 }

@@ -18,6 +18,7 @@ mod loom;
 mod table;
 mod wakers;
 
+use std::cell::RefCell;
 use std::future::Future;
 use std::hash::Hash;
 use std::mem;
@@ -138,6 +139,7 @@ impl<K, T: Clone> Ticket<K, T> {
         #[cfg(feature = "tracing")]
         let make = || tracing::Instrument::instrument(span.in_scope(make), span.clone());
 
+        let make = || Driving::scope(&self.flight.flight, make);
         let call: Call<T> = match panic::catch_unwind(AssertUnwindSafe(make)) {
             Ok(call) => Box::pin(call),
             Err(payload) => {
@@ -191,7 +193,10 @@ impl<K, T: Clone> Ticket<K, T> {
         if let Some(mut call) = callers_drive.then(|| state.call.take()).flatten() {
             state.poller = Some(slot);
             drop(state);
-            let Poll::Ready(outcome) = self.flight.counters().poll_call(&mut call, cx) else {
+            let polled = Driving::scope(&self.flight.flight, || {
+                self.flight.counters().poll_call(&mut call, cx)
+            });
+            let Poll::Ready(outcome) = polled else {
                 return self.put_back(call, slot, cx);
             };
             self.slot = None;
@@ -322,7 +327,8 @@ impl<K, T: Clone> Driver<K, T> {
                 return Poll::Pending;
             };
             drop(state);
-            if let Poll::Ready(outcome) = seat.counters().poll_call(&mut call, cx) {
+            let polled = Driving::scope(&seat.flight, || seat.counters().poll_call(&mut call, cx));
+            if let Poll::Ready(outcome) = polled {
                 drop(seat.publish(outcome, None));
                 self.finished = true;
                 return Poll::Ready(());
@@ -475,6 +481,37 @@ impl<K, T> Seat<K, T> {
             key_hash = self.flight.hash,
             "every waiter left; dropping the call"
         );
+    }
+}
+
+// --- the flights this thread is inside ---
+
+thread_local! {
+    /// The flights whose calls this thread is making or polling right now,
+    /// innermost last, by address.
+    static INSIDE: RefCell<Vec<usize>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Whether this thread is inside `flight`'s call: a caller that joined it
+/// from there would wait for itself.
+fn driving<K, T>(flight: &Arc<Flight<K, T>>) -> bool {
+    let address = Arc::as_ptr(flight) as usize;
+    INSIDE.with(|inside| inside.borrow().contains(&address))
+}
+
+impl Driving {
+    /// Runs `f`, which makes or polls `flight`'s call, marked as inside it.
+    fn scope<K, T, R>(flight: &Arc<Flight<K, T>>, f: impl FnOnce() -> R) -> R {
+        struct Leave;
+        impl Drop for Leave {
+            fn drop(&mut self) {
+                INSIDE.with(|inside| inside.borrow_mut().pop());
+            }
+        }
+        let address = Arc::as_ptr(flight) as usize;
+        INSIDE.with(|inside| inside.borrow_mut().push(address));
+        let _leave = Leave;
+        f()
     }
 }
 

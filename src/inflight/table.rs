@@ -87,8 +87,12 @@ impl<K: Hash + Eq, T: Clone> Table<K, T> {
         let shard = self.shard(hash);
         let mut map = lock(&shard.map);
 
-        // A flight in progress: become one of its waiters.
-        if let Some(flight) = map.get(&hash).and_then(|bucket| bucket.find(&key)) {
+        // A flight in progress: become one of its waiters, unless this call
+        // comes from inside that flight's own call, which would then wait
+        // for itself.
+        let found = map.get(&hash).and_then(|bucket| bucket.find(&key));
+        let own = found.is_some_and(|flight| super::driving(flight));
+        if let Some(flight) = found.filter(|_| !own) {
             let flight = Arc::clone(flight);
             let (slot, spawn) = {
                 let mut state = lock(&flight.state);
@@ -112,17 +116,19 @@ impl<K: Hash + Eq, T: Clone> Table<K, T> {
             return (ticket, false);
         }
 
-        // None: this caller leads a new flight.
+        // None: this caller leads a new flight. A call from inside its own
+        // key's flight leads one of its own, left out of the map.
         let flight = Arc::new(Flight {
             key,
             hash,
             shard: Arc::clone(shard),
             spawn: spawn_driver::<K, T>,
             detach,
-            registered: AtomicBool::new(true),
+            registered: AtomicBool::new(!own),
             state: Mutex::new(State::new()),
         });
         match map.entry(hash) {
+            _ if own => {}
             Entry::Vacant(vacant) => {
                 vacant.insert(Bucket::One(Arc::clone(&flight)));
             }
