@@ -124,7 +124,9 @@
 //! while any caller waits for it. It is dropped, which cancels the RPC, when
 //! the last one leaves. Each caller waits only until its own deadline, then
 //! gets `DEADLINE_EXCEEDED` alone; the others, the leader's followers
-//! included, go on waiting. A follower that makes a call of its own because
+//! included, go on waiting. (On a tonic server, tonic's own timeout sits
+//! outside the layer and ends the caller's wait first, so that caller sees
+//! tonic's status for it.) A follower that makes a call of its own because
 //! the response could not be shared with it sends the time it has left as
 //! its `grpc-timeout`; one past its
 //! [wait limit](GrpcLayer::follower_wait_limit) sends none, and the layer

@@ -29,6 +29,12 @@ use crate::http::body::ResponseBody;
 /// `ServiceBuilder::map_err(BoxError::from)`. A call that is not shared (a
 /// request without a key, a follower's own call) returns its error as it is.
 ///
+/// When such a stack's response future is awaited inside an `async` block
+/// that must be `Send` (one given to `tokio::spawn`, or an axum handler),
+/// rustc may reject it with "implementation of `HttpError` is not general
+/// enough", although the future is `Send`. Boxing the future first, as a
+/// `Pin<Box<dyn Future<Output = ..> + Send>>`, works around it.
+///
 /// Sealed: implemented for the three types above only. Failures of the layer
 /// itself never become errors: see [`HttpSingleflight`]'s `# Errors`.
 ///
