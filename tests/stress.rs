@@ -464,7 +464,10 @@ impl Tally {
         let delivered = stats.leaders - stats.abandoned;
         let distinct = self.calls.len() as u64;
         assert!(distinct + stats.panics <= delivered, "{stats:?}");
-        assert!(delivered - distinct - stats.panics <= delivered / 1000, "{stats:?}");
+        assert!(
+            delivered - distinct - stats.panics <= delivered / 1000,
+            "{stats:?}"
+        );
         assert!(self.panicked >= stats.panics, "{stats:?}");
         assert!(
             (delivered..=stats.leaders).contains(&calls_made),
