@@ -8,10 +8,9 @@ use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll, Wake, Waker};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
-use tokio::sync::watch;
 use tokio_test::{assert_pending, assert_ready_ok};
 use tower::limit::ConcurrencyLimitLayer;
 use tower::timeout::error::Elapsed;
@@ -20,56 +19,11 @@ use tower::{service_fn, Service, ServiceBuilder, ServiceExt};
 use tower_singleflight::key::optional;
 use tower_singleflight::{Group, OnWaitLimit, Role, SingleflightLayer, Stats};
 
+mod support;
+
+use support::{settle, within, Gate, WakeCount};
+
 // --- helpers ---
-
-/// A gate that calls wait behind until the test opens it.
-#[derive(Clone)]
-struct Gate(Arc<watch::Sender<bool>>);
-
-impl Gate {
-    fn new() -> Self {
-        Self(Arc::new(watch::channel(false).0))
-    }
-
-    fn open(&self) {
-        self.0.send_replace(true);
-    }
-
-    fn wait(&self) -> impl Future<Output = ()> + Send + 'static {
-        let mut open = self.0.subscribe();
-        async move {
-            let _ = open.wait_for(|open| *open).await;
-        }
-    }
-}
-
-/// Awaits `future`, failing if it is still pending after ten seconds: on
-/// the paused clock, a waiter that would hang fails the test at no cost.
-async fn within<F: Future>(future: F) -> F::Output {
-    let bounded = tokio::time::timeout(Duration::from_secs(10), future);
-    bounded.await.expect("still pending after ten seconds")
-}
-
-/// Lets every other task run until it waits.
-async fn settle() {
-    for _ in 0..16 {
-        tokio::task::yield_now().await;
-    }
-}
-
-/// A waker that counts its wake-ups.
-#[derive(Default)]
-struct WakeCount(AtomicUsize);
-
-impl Wake for WakeCount {
-    fn wake(self: Arc<Self>) {
-        self.wake_by_ref();
-    }
-
-    fn wake_by_ref(self: &Arc<Self>) {
-        self.0.fetch_add(1, SeqCst);
-    }
-}
 
 /// What a [`Probe`] and its clones saw.
 #[derive(Default)]

@@ -7,41 +7,23 @@ use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll, Wake, Waker};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use futures::future::join_all;
-use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_test::{assert_pending, assert_ready_err, assert_ready_ok};
 use tower::{service_fn, Service, ServiceBuilder, ServiceExt};
 use tower_singleflight::{Group, OnWaitLimit, Role, SingleflightLayer};
 
+mod support;
+
+use support::{settle, within, Gate, WakeCount};
+
 // --- helpers ---
 
 /// The future of a test's work.
 type Call<T> = Pin<Box<dyn Future<Output = io::Result<T>> + Send>>;
-
-/// A gate that calls wait behind until the test opens it.
-#[derive(Clone)]
-struct Gate(Arc<watch::Sender<bool>>);
-
-impl Gate {
-    fn new() -> Self {
-        Self(Arc::new(watch::channel(false).0))
-    }
-
-    fn open(&self) {
-        self.0.send_replace(true);
-    }
-
-    fn wait(&self) -> impl Future<Output = ()> + Send + 'static {
-        let mut open = self.0.subscribe();
-        async move {
-            let _ = open.wait_for(|open| *open).await;
-        }
-    }
-}
 
 /// What became of the calls that a test's work made.
 #[derive(Default)]
@@ -123,20 +105,6 @@ impl Drop for Live {
     }
 }
 
-/// A waker that counts its wake-ups.
-#[derive(Default)]
-struct WakeCount(AtomicUsize);
-
-impl Wake for WakeCount {
-    fn wake(self: Arc<Self>) {
-        self.wake_by_ref();
-    }
-
-    fn wake_by_ref(self: &Arc<Self>) {
-        self.0.fetch_add(1, SeqCst);
-    }
-}
-
 /// A future polled by hand, with its own counting waker.
 struct Manual<F> {
     future: Pin<Box<F>>,
@@ -176,20 +144,6 @@ impl<F: Future> Future for CountPolls<F> {
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
         self.polls.fetch_add(1, SeqCst);
         self.future.as_mut().poll(cx)
-    }
-}
-
-/// Awaits `future`, failing if it is still pending after ten seconds: on
-/// the paused clock, a waiter that would hang fails the test at no cost.
-async fn within<F: Future>(future: F) -> F::Output {
-    let bounded = tokio::time::timeout(Duration::from_secs(10), future);
-    bounded.await.expect("still pending after ten seconds")
-}
-
-/// Lets every other task run until it waits.
-async fn settle() {
-    for _ in 0..16 {
-        tokio::task::yield_now().await;
     }
 }
 

@@ -15,47 +15,15 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures::future::join_all;
-use tokio::sync::watch;
 use tower::{service_fn, BoxError, Service, ServiceBuilder, ServiceExt};
 use tower_singleflight::key::optional;
 use tower_singleflight::{Error, Group, OnWaitLimit, Role, SingleflightLayer};
 
+mod support;
+
+use support::{settle, within, Gate};
+
 // --- helpers ---
-
-/// A gate that calls wait behind until the test opens it.
-#[derive(Clone)]
-struct Gate(Arc<watch::Sender<bool>>);
-
-impl Gate {
-    fn new() -> Self {
-        Self(Arc::new(watch::channel(false).0))
-    }
-
-    fn open(&self) {
-        self.0.send_replace(true);
-    }
-
-    fn wait(&self) -> impl Future<Output = ()> + Send + 'static {
-        let mut open = self.0.subscribe();
-        async move {
-            let _ = open.wait_for(|open| *open).await;
-        }
-    }
-}
-
-/// Awaits `future`, failing if it is still pending after ten seconds: on
-/// the paused clock, a waiter that would hang fails the test at no cost.
-async fn within<F: Future>(future: F) -> F::Output {
-    let bounded = tokio::time::timeout(Duration::from_secs(10), future);
-    bounded.await.expect("still pending after ten seconds")
-}
-
-/// Lets every other task run until it waits.
-async fn settle() {
-    for _ in 0..16 {
-        tokio::task::yield_now().await;
-    }
-}
 
 /// A waiter of any work, so that waiters of different work fit one list.
 type Waiter<T> = Pin<Box<dyn Future<Output = Result<T, Error>>>>;

@@ -14,9 +14,10 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Wake};
 use std::time::Duration;
 
+use tokio::sync::watch;
 use tokio::time::Instant;
 use tower::Service;
 
@@ -372,5 +373,56 @@ impl Clock {
     /// Time since the start.
     pub(crate) fn elapsed(&self) -> Duration {
         Instant::now() - self.start
+    }
+}
+
+// --- small tools for waiting and counting ---
+
+/// A gate that calls wait behind until the test opens it.
+#[derive(Clone)]
+pub(crate) struct Gate(Arc<watch::Sender<bool>>);
+
+impl Gate {
+    pub(crate) fn new() -> Self {
+        Self(Arc::new(watch::channel(false).0))
+    }
+
+    pub(crate) fn open(&self) {
+        self.0.send_replace(true);
+    }
+
+    pub(crate) fn wait(&self) -> impl Future<Output = ()> + Send + 'static {
+        let mut open = self.0.subscribe();
+        async move {
+            let _ = open.wait_for(|open| *open).await;
+        }
+    }
+}
+
+/// Awaits `future`, failing if it is still pending after ten seconds: on
+/// the paused clock, a waiter that would hang fails the test at no cost.
+pub(crate) async fn within<F: Future>(future: F) -> F::Output {
+    let bounded = tokio::time::timeout(Duration::from_secs(10), future);
+    bounded.await.expect("still pending after ten seconds")
+}
+
+/// Lets every other task run until it waits.
+pub(crate) async fn settle() {
+    for _ in 0..16 {
+        tokio::task::yield_now().await;
+    }
+}
+
+/// A waker that counts its wake-ups.
+#[derive(Default)]
+pub(crate) struct WakeCount(pub(crate) AtomicUsize);
+
+impl Wake for WakeCount {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.0.fetch_add(1, Ordering::SeqCst);
     }
 }
