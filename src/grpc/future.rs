@@ -180,6 +180,9 @@ where
                     inner,
                 } => {
                     let Poll::Ready(outcome) = run.as_mut().poll(cx) else {
+                        // Past its wait limit, a follower may be making a
+                        // call of its own by now: say so, whatever ends it.
+                        *this.role = Some(run.role());
                         if expired(this.timer.as_mut(), *this.deadline, cx) {
                             break Ok((status::deadline_exceeded(), false));
                         }
