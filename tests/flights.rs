@@ -870,3 +870,23 @@ async fn a_call_that_asks_for_its_own_key_while_shared_runs_unshared_too() {
     assert_eq!((outer.unwrap(), follower.unwrap()), (42, 42));
     assert_eq!(group.len(), 0);
 }
+
+#[test]
+fn outside_a_runtime_run_to_completion_drops_an_abandoned_call_as_usual() {
+    let group = Group::<&str, u32>::new().run_to_completion(true);
+    let (calls, gate) = (Arc::new(Calls::default()), Gate::new());
+
+    // Two callers poll the call by hand, with no runtime to spawn a task on.
+    let mut leader = Manual::new(group.run("k", calls.gated(&gate, 7)));
+    assert_pending!(leader.poll());
+    let mut follower = Manual::new(group.run("k", calls.ready(0)));
+    assert_pending!(follower.poll());
+
+    // Both leave: with nothing to run it on, the call is dropped and the key
+    // freed, rather than left parked with no one to drive it.
+    drop((leader, follower));
+    assert_eq!((calls.started(), calls.dropped()), (1, 1));
+    assert_eq!(group.len(), 0);
+    let stats = group.stats();
+    assert_eq!((stats.flights, stats.abandoned), (0, 1));
+}

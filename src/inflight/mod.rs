@@ -269,7 +269,7 @@ impl<K, T> Ticket<K, T> {
             drop((state, map));
             return seat.spawn_driver();
         }
-        if seat.flight.detach {
+        if seat.flight.detach && matches!(state.driver, Driving::Task(_)) {
             return;
         }
         let call = state.call.take();
