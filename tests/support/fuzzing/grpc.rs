@@ -216,10 +216,7 @@ fn verify_response(case: &Case, calls: &[Call], i: usize, got: &Got, who: &str) 
             );
         }
         Role::Leader | Role::Fallback => {
-            assert!(
-                case.unary(i),
-                "{who}: coalesced a call that is not one message"
-            );
+            assert!(case.unary(i), "{who}: coalesced a call that is not unary");
             assert_eq!(maker, i, "{who}: led or fell back to another's call");
             if got.coalescing.is_shared() {
                 assert!(
@@ -239,10 +236,7 @@ fn verify_response(case: &Case, calls: &[Call], i: usize, got: &Got, who: &str) 
             }
         }
         Role::Follower => {
-            assert!(
-                case.unary(i),
-                "{who}: coalesced a call that is not one message"
-            );
+            assert!(case.unary(i), "{who}: coalesced a call that is not unary");
             assert!(
                 got.coalescing.is_shared(),
                 "{who}: a follower not shared with"
@@ -391,7 +385,7 @@ impl RequestSpec {
 impl Case {
     fn decode(input: &mut Input<'_>) -> Self {
         let config = Config::decode(input);
-        let responses = (0..1 + input.below(3)).map(|_| response(input)).collect();
+        let mut responses: Vec<_> = (0..1 + input.below(3)).map(|_| response(input)).collect();
         let leader = RequestSpec::decode(input);
         let timing = Timing::leader(input);
         let mut callers = vec![Caller {
@@ -402,6 +396,18 @@ impl Case {
             let request = leader.mutated(input);
             let timing = Timing::follower(input);
             callers.push(Caller { request, timing });
+        }
+
+        // Last, so that shorter inputs mean what they meant before it: now
+        // and then a few bytes of garbage after a response's messages.
+        for response in &mut responses {
+            if input.below(4) == 3 {
+                let garbage = Step::Data(input.bytes(3));
+                let steps = &mut response.body.steps;
+                let ends = matches!(steps.last(), Some(Step::Trailers(_) | Step::Fail));
+                let at = steps.len() - usize::from(ends);
+                steps.insert(at, garbage);
+            }
         }
         Self {
             config,
