@@ -61,9 +61,10 @@ impl Coalescing {
         self.role
     }
 
-    /// Whether this response went to more than one caller: always for a
-    /// follower; for a leader, when followers joined its flight and its
-    /// response could be shared with them.
+    /// Whether this response went to more than one caller: for a follower,
+    /// when it got the flight's response (not one the layer made for it,
+    /// such as a 503 past its wait limit); for a leader, when followers
+    /// joined its flight and its response could be shared with them.
     pub fn is_shared(&self) -> bool {
         self.shared
     }
