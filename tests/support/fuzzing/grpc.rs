@@ -25,7 +25,9 @@ use super::input::Input;
 use super::script::{
     self, headers, Answer, Backend, BodyFailed, BodySpec, Call, CallerId, Log, ResponseSpec, Step,
 };
-use super::{assert_replays, block_on, failed_call, run, trace, Got, Outcome, Rules, Sure, Timing};
+use super::{
+    assert_replays, block_on, run, trace, verify_outcomes, Got, Outcome, Rules, Sure, Timing,
+};
 
 /// The request body type of the inner service, as tonic's is: boxed.
 type ReqBody = UnsyncBoxBody<Bytes, BodyFailed>;
@@ -126,40 +128,10 @@ fn verify(case: &Case, outcomes: &[Outcome], calls: &[Call]) {
     }
 
     // Each caller's outcome is one the case allows.
-    for (i, outcome) in outcomes.iter().enumerate() {
-        let who = format!("caller {i}");
-        match outcome {
-            Outcome::Abandoned => {}
-            Outcome::Panicked => {
-                let own = |(k, call): (usize, &Call)| {
-                    call.caller == Some(i) && case.response(k).answer == Answer::Panic
-                };
-                assert!(
-                    calls.iter().enumerate().any(own),
-                    "{who}: a panic not its own"
-                );
-            }
-            Outcome::Error(error) => {
-                let k = failed_call(error).unwrap_or_else(|| panic!("{who}: untyped {error}"));
-                assert_eq!(
-                    case.response(k).answer,
-                    Answer::Fail,
-                    "{who}: error of call {k}"
-                );
-                assert!(
-                    case.same_flight(calls[k].caller, i),
-                    "{who}: error of another call"
-                );
-            }
-            Outcome::Got(got) => verify_response(case, calls, i, got, &who),
-        }
-        if matches!(outcome, Outcome::Got(got) if got.coalescing.role() == Role::Follower) {
-            assert!(
-                !sent[i],
-                "{who}: marked a follower, yet its own request was sent"
-            );
-        }
-    }
+    let answer = |k: usize| case.response(k).answer;
+    let same_flight = |maker, i| case.same_flight(maker, i);
+    let response = |i, got: &Got, who: &str| verify_response(case, calls, i, got, who);
+    verify_outcomes(outcomes, calls, &sent, answer, same_flight, response);
 }
 
 fn verify_response(case: &Case, calls: &[Call], i: usize, got: &Got, who: &str) {

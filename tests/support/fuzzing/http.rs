@@ -20,7 +20,9 @@ use super::script::{
     self, end, headers, Answer, Backend, BodySpec, Call, CallerId, Log, ResponseSpec, ScriptBody,
     Step,
 };
-use super::{assert_replays, block_on, failed_call, run, trace, Got, Outcome, Rules, Sure, Timing};
+use super::{
+    assert_replays, block_on, run, trace, verify_outcomes, Got, Outcome, Rules, Sure, Timing,
+};
 
 const REQUEST_HEADERS: &[&str] = &[
     "host",
@@ -122,40 +124,10 @@ fn verify(case: &Case, outcomes: &[Outcome], calls: &[Call]) {
     }
 
     // Each caller's outcome is one the case allows.
-    for (i, outcome) in outcomes.iter().enumerate() {
-        let who = format!("caller {i}");
-        match outcome {
-            Outcome::Abandoned => {}
-            Outcome::Panicked => {
-                let own = |(k, call): (usize, &Call)| {
-                    call.caller == Some(i) && case.response(k).answer == Answer::Panic
-                };
-                assert!(
-                    calls.iter().enumerate().any(own),
-                    "{who}: a panic not its own"
-                );
-            }
-            Outcome::Error(error) => {
-                let k = failed_call(error).unwrap_or_else(|| panic!("{who}: untyped {error}"));
-                assert_eq!(
-                    case.response(k).answer,
-                    Answer::Fail,
-                    "{who}: error of call {k}"
-                );
-                assert!(
-                    case.same_flight(calls[k].caller, i),
-                    "{who}: error of another key"
-                );
-            }
-            Outcome::Got(got) => verify_response(case, calls, i, got, &who),
-        }
-        if matches!(outcome, Outcome::Got(got) if got.coalescing.role() == Role::Follower) {
-            assert!(
-                !sent[i],
-                "{who}: marked a follower, yet its own request was sent"
-            );
-        }
-    }
+    let answer = |k: usize| case.response(k).answer;
+    let same_flight = |maker, i| case.same_flight(maker, i);
+    let response = |i, got: &Got, who: &str| verify_response(case, calls, i, got, who);
+    verify_outcomes(outcomes, calls, &sent, answer, same_flight, response);
 }
 
 fn verify_response(case: &Case, calls: &[Call], i: usize, got: &Got, who: &str) {

@@ -337,3 +337,47 @@ fn role_value(role: Role) -> &'static str {
         _ => "unknown",
     }
 }
+
+/// Checks that each caller's outcome is one the case allows: a panic of a
+/// call its own request made, the error of a call of its own flight, or a
+/// response `response` accepts; and that a caller marked a follower never
+/// had its own request sent.
+fn verify_outcomes(
+    outcomes: &[Outcome],
+    calls: &[script::Call],
+    sent: &[bool],
+    answer: impl Fn(usize) -> script::Answer,
+    same_flight: impl Fn(Option<usize>, usize) -> bool,
+    response: impl Fn(usize, &Got, &str),
+) {
+    for (i, outcome) in outcomes.iter().enumerate() {
+        let who = format!("caller {i}");
+        match outcome {
+            Outcome::Abandoned => {}
+            Outcome::Panicked => {
+                let own = |(k, call): (usize, &script::Call)| {
+                    call.caller == Some(i) && answer(k) == script::Answer::Panic
+                };
+                assert!(
+                    calls.iter().enumerate().any(own),
+                    "{who}: a panic not its own"
+                );
+            }
+            Outcome::Error(error) => {
+                let k = failed_call(error).unwrap_or_else(|| panic!("{who}: untyped {error}"));
+                assert_eq!(answer(k), script::Answer::Fail, "{who}: error of call {k}");
+                assert!(
+                    same_flight(calls[k].caller, i),
+                    "{who}: error of another flight's call"
+                );
+            }
+            Outcome::Got(got) => response(i, got, &who),
+        }
+        if matches!(outcome, Outcome::Got(got) if got.coalescing.role() == Role::Follower) {
+            assert!(
+                !sent[i],
+                "{who}: marked a follower, yet its own request was sent"
+            );
+        }
+    }
+}
