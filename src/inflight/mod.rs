@@ -1,17 +1,26 @@
 //! The flight table: the crate's only shared mutable state.
 //!
-//! A [`Table`] maps keys to the [`Flight`]s in progress. Each caller holds a
-//! [`Ticket`] on one flight. The ticket whose seat is `Driving` owns the
-//! inner call and polls it in its own task; every other ticket waits with a
+//! A [`Table`] maps keys to the flights in progress. Each caller holds a
+//! [`Ticket`] on one flight.
+//!
+//! A flight starts *lone*: its leader's entry in the shard's map holds the
+//! call between the leader's polls, and nothing else is allocated for it.
+//! The leader takes the call out to poll it and parks it again, or frees the
+//! key when it finishes. The first follower to join turns the flight
+//! *shared*: the call and the leader's waker move into a [`Flight`] of their
+//! own, which the leader finds in its entry at its next poll.
+//!
+//! In a shared flight, the waiter whose seat is `Driving` owns the inner
+//! call and polls it in its own task; every other waiter waits with a
 //! registered waker and is woken once, when the outcome is published. A
 //! driver that leaves parks the call in the flight and wakes one waiter to
 //! take it up, so the call survives as long as anyone waits for it.
 //!
 //! Lock order: a shard's map, then a flight's state. No lock is held while
-//! the inner call is polled or dropped, or while a waker runs. An abandoned
-//! call is dropped just after its key is freed, for the same reason: a
-//! caller arriving in that instant may start a new call while the old one's
-//! destructor still runs.
+//! the inner call is made, polled or dropped, or while a waker runs. An
+//! abandoned call is dropped just after its key is freed, for the same
+//! reason: a caller arriving in that instant may start a new call while the
+//! old one's destructor still runs.
 
 #[cfg(all(test, singleflight_loom))]
 mod loom;
@@ -30,7 +39,7 @@ use crate::error::Error;
 use crate::sync::{lock, Arc, AtomicBool, Mutex, Ordering};
 
 pub(crate) use self::table::Table;
-use self::table::{Counters, FlightMap, Shard};
+use self::table::{Counters, Entry, Flights, Shard};
 use self::wakers::Wakers;
 
 /// The inner call of a flight, boxed so that driving it can pass between
@@ -42,12 +51,16 @@ pub(crate) type Delivery<T> = (Result<T, Error>, bool);
 
 /// Spawns a flight's driving task, or hands it back when there is no tokio
 /// runtime to spawn it on.
-type Spawn<K, T> = fn(Driver<K, T>) -> Result<(), Driver<K, T>>;
+pub(super) type Spawn<K, T> = fn(Driver<K, T>) -> Result<(), Driver<K, T>>;
 
 /// One inner call, shared by every caller whose key equals `key`.
 pub(crate) struct Flight<K, T> {
     key: K,
     hash: u64,
+    /// The flight's number in its shard, which names it while it runs.
+    seq: u64,
+    /// Where its entry is in its shard's map, if it has one.
+    index: u32,
     /// The shard whose map holds the flight. Held here rather than reached
     /// through the table, so that callers share no reference count across
     /// keys.
@@ -57,10 +70,23 @@ pub(crate) struct Flight<K, T> {
     spawn: Spawn<K, T>,
     /// Run the call to completion once every caller has left.
     detach: bool,
-    /// Whether the shard's map points at this flight. Read and written only
-    /// with the shard's lock held.
+    /// Whether new callers with an equal key join this flight: set from its
+    /// start until it publishes, is abandoned or is forgotten. Read and
+    /// written only with the shard's lock held.
     registered: AtomicBool,
+    /// Whether its leader waits on the flight itself, rather than through
+    /// its lone entry in the shard's map. Until it does, that entry stays,
+    /// even once the flight is no longer registered. Read and written only
+    /// with the shard's lock held.
+    leader_moved: AtomicBool,
     state: Mutex<State<T>>,
+}
+
+/// Names a flight while it runs: its shard, and its number there.
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct FlightId {
+    shard: usize,
+    seq: u64,
 }
 
 /// The part of a flight its callers and its task change, guarded by the
@@ -104,9 +130,29 @@ enum Driving {
 
 /// A caller's place in a flight. Dropping it leaves the flight.
 pub(crate) struct Ticket<K, T> {
+    place: Place<K, T>,
+}
+
+enum Place<K, T> {
+    /// The leader of a lone flight, whose entry is at `index` in its
+    /// shard's map.
+    Lone {
+        shard: Arc<Shard<K, T>>,
+        hash: u64,
+        index: u32,
+        seq: u64,
+    },
+    /// A waiter on a shared flight.
+    Waiting(Waiter<K, T>),
+    /// A lone leader that took its outcome.
+    Done,
+}
+
+/// A caller's place in a shared flight. Dropping it leaves the flight.
+struct Waiter<K, T> {
     flight: Seat<K, T>,
-    /// The caller's slot in the flight's wakers; `None` before its call is
-    /// started and once it has left.
+    /// The caller's slot in the flight's wakers; `None` before a leader's
+    /// call is started and once it has left.
     slot: Option<usize>,
 }
 
@@ -133,34 +179,37 @@ impl<K, T: Clone> Ticket<K, T> {
         F: Future<Output = Result<T, Error>> + Send + 'static,
         T: Send + 'static,
     {
-        debug_assert!(self.slot.is_none(), "start by a non-leader");
-        #[cfg(feature = "tracing")]
-        let span = tracing::trace_span!("singleflight.flight", key_hash = self.flight.hash());
-        #[cfg(feature = "tracing")]
-        let make = || tracing::Instrument::instrument(span.in_scope(make), span.clone());
-
-        let make = || Driving::scope(&self.flight.flight, make);
-        let call: Call<T> = match panic::catch_unwind(AssertUnwindSafe(make)) {
-            Ok(call) => Box::pin(call),
-            Err(payload) => {
-                self.flight
-                    .counters()
-                    .panics
-                    .fetch_add(1, Ordering::Relaxed);
-                Box::pin(std::future::ready(Err(Error::panicked(&*payload))))
+        let (shard, hash, index, seq) = match &mut self.place {
+            Place::Lone {
+                shard,
+                hash,
+                index,
+                seq,
+            } => (shard, *hash, *index, *seq),
+            Place::Waiting(waiter) => {
+                let flight = &waiter.flight;
+                let call = make_call(flight.id(), flight.flight.hash, flight.counters(), make);
+                return waiter.park(call);
             }
+            Place::Done => unreachable!("start after the outcome"),
         };
 
-        // Park the call until someone polls it, so that a leader that is
-        // never polled holds no one up. Followers that joined already get a
-        // task to drive it.
-        let mut state = lock(&self.flight.flight.state);
-        self.slot = Some(state.wakers.insert());
-        state.call = Some(call);
-        let spawn = state.waiters > 1 && state.hire();
-        drop(state);
-        if spawn {
-            self.flight.spawn_driver();
+        // Park the call in the entry until the leader polls it, so that a
+        // leader that is never polled holds no one up: a follower that joins
+        // takes it from there.
+        let call = make_call(FlightId::new(shard, seq), hash, &shard.counters, make);
+        let mut map = lock(&shard.map);
+        match map.get(index) {
+            Entry::Lone(lone) => lone.call = Some(call),
+            Entry::Shared(flight) => {
+                let flight = Arc::clone(flight);
+                let flight = map.take_shared(&flight);
+                drop(map);
+                let mut waiter = Waiter::new(flight, Some(0));
+                waiter.park(call);
+                self.place = Place::Waiting(waiter);
+            }
+            Entry::Moving => unreachable!("an entry is moving outside a lock section"),
         }
     }
 
@@ -170,6 +219,205 @@ impl<K, T: Clone> Ticket<K, T> {
     ///
     /// When polled again after it returned the outcome.
     pub(crate) fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Delivery<T>> {
+        let (shard, hash, index, seq) = match &mut self.place {
+            Place::Lone {
+                shard,
+                hash,
+                index,
+                seq,
+            } => (shard, *hash, *index, *seq),
+            Place::Waiting(waiter) => return waiter.poll(cx),
+            Place::Done => panic!("flight polled after it delivered its outcome"),
+        };
+
+        // Take the call out of the entry, unless a follower has turned the
+        // flight shared: then wait on it like any other caller.
+        let mut map = lock(&shard.map);
+        let mut call = match map.get(index) {
+            Entry::Lone(lone) => lone
+                .call
+                .take()
+                .expect("a lone leader's call is parked between its polls"),
+            Entry::Shared(flight) => {
+                let flight = Arc::clone(flight);
+                let flight = map.take_shared(&flight);
+                drop(map);
+                let mut waiter = Waiter::new(flight, Some(0));
+                let polled = waiter.poll(cx);
+                self.place = Place::Waiting(waiter);
+                return polled;
+            }
+            Entry::Moving => unreachable!("an entry is moving outside a lock section"),
+        };
+        drop(map);
+
+        // Poll it with no lock held.
+        let id = FlightId::new(shard, seq);
+        let polled = scope(id, || shard.counters.poll_call(&mut call, cx));
+
+        let mut map = lock(&shard.map);
+        match map.get(index) {
+            // Still alone: park a pending call, or free the key.
+            Entry::Lone(lone) => {
+                let Poll::Ready(outcome) = polled else {
+                    lone.call = Some(call);
+                    match &lone.waker {
+                        Some(waker) if waker.will_wake(cx.waker()) => {}
+                        _ => lone.waker = Some(cx.waker().clone()),
+                    }
+                    return Poll::Pending;
+                };
+                let entry = map.remove(hash, index);
+                map.tally.flights -= 1;
+                map.tally.waiters -= 1;
+                drop(map);
+                drop((entry, call));
+                self.place = Place::Done;
+                Poll::Ready((outcome, false))
+            }
+
+            // A follower joined while the call was polled: share it.
+            Entry::Shared(flight) => {
+                let flight = Arc::clone(flight);
+                let flight = map.take_shared(&flight);
+                drop(map);
+                let mut waiter = Waiter::new(flight, Some(0));
+                let polled = match polled {
+                    Poll::Pending => waiter.put_back(call, 0, cx),
+                    Poll::Ready(outcome) => {
+                        waiter.slot = None;
+                        Poll::Ready(waiter.flight.publish(outcome, Some(0)))
+                    }
+                };
+                self.place = Place::Waiting(waiter);
+                polled
+            }
+            Entry::Moving => unreachable!("an entry is moving outside a lock section"),
+        }
+    }
+}
+
+impl<K, T> Ticket<K, T> {
+    /// A lone flight's leader.
+    fn lone(shard: Arc<Shard<K, T>>, hash: u64, index: u32, seq: u64) -> Self {
+        Self {
+            place: Place::Lone {
+                shard,
+                hash,
+                index,
+                seq,
+            },
+        }
+    }
+
+    /// A waiter on a shared flight: a follower, or the leader of a flight
+    /// kept out of the map.
+    fn waiting(flight: Arc<Flight<K, T>>, slot: Option<usize>) -> Self {
+        Self {
+            place: Place::Waiting(Waiter::new(flight, slot)),
+        }
+    }
+
+    fn spawn_driver(&self) {
+        if let Place::Waiting(waiter) = &self.place {
+            waiter.flight.spawn_driver();
+        }
+    }
+}
+
+impl<K, T> Drop for Ticket<K, T> {
+    /// A lone leader that leaves drops its call and frees the key, unless
+    /// the call is to run to completion: then the flight turns shared, for a
+    /// task to drive it. A waiter leaves through its own drop.
+    fn drop(&mut self) {
+        let Place::Lone {
+            shard, hash, index, ..
+        } = &self.place
+        else {
+            return;
+        };
+        let (hash, index) = (*hash, *index);
+        let mut map = lock(&shard.map);
+        let flight = match map.get(index) {
+            entry @ Entry::Lone(_) => {
+                let Entry::Lone(lone) = &*entry else {
+                    unreachable!("matched above");
+                };
+                match lone.detach {
+                    Some(spawn) => {
+                        let flight = entry.share(hash, index, shard, spawn);
+                        map.tally.move_gauges(&shard.counters);
+                        flight
+                    }
+                    None => {
+                        let entry = map.remove(hash, index);
+                        map.tally.flights -= 1;
+                        map.tally.waiters -= 1;
+                        map.tally.abandoned += 1;
+                        drop(map);
+                        #[cfg(feature = "tracing")]
+                        tracing::trace!(key_hash = hash, "every waiter left; dropping the call");
+                        return drop(entry);
+                    }
+                }
+            }
+            Entry::Shared(flight) => Arc::clone(flight),
+            Entry::Moving => unreachable!("an entry is moving outside a lock section"),
+        };
+        let flight = map.take_shared(&flight);
+        drop(map);
+        drop(Waiter::new(flight, Some(0)));
+    }
+}
+
+/// Makes a leader's call, inside `id`'s scope and the flight's span when
+/// tracing. A panic while making it becomes the call's outcome.
+fn make_call<T, F>(
+    id: FlightId,
+    hash: u64,
+    counters: &Counters,
+    make: impl FnOnce() -> F,
+) -> Call<T>
+where
+    F: Future<Output = Result<T, Error>> + Send + 'static,
+    T: Send + 'static,
+{
+    #[cfg(feature = "tracing")]
+    let span = tracing::trace_span!("singleflight.flight", key_hash = hash);
+    #[cfg(not(feature = "tracing"))]
+    let _ = hash;
+    #[cfg(feature = "tracing")]
+    let make = || tracing::Instrument::instrument(span.in_scope(make), span.clone());
+
+    match panic::catch_unwind(AssertUnwindSafe(|| scope(id, make))) {
+        Ok(call) => Box::pin(call),
+        Err(payload) => {
+            counters.panics.fetch_add(1, Ordering::Relaxed);
+            Box::pin(std::future::ready(Err(Error::panicked(&*payload))))
+        }
+    }
+}
+
+// --- impl Waiter ---
+
+impl<K, T: Clone> Waiter<K, T> {
+    /// Parks a leader's new call until someone polls it. Followers that
+    /// joined already get a task to drive it.
+    fn park(&mut self, call: Call<T>) {
+        let mut state = lock(&self.flight.flight.state);
+        if self.slot.is_none() {
+            self.slot = Some(state.wakers.insert());
+        }
+        state.call = Some(call);
+        let spawn = state.waiters > 1 && state.hire();
+        drop(state);
+        if spawn {
+            self.flight.spawn_driver();
+        }
+    }
+
+    /// Waits for the outcome, polling the call while the callers drive it.
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Delivery<T>> {
         let slot = self
             .slot
             .expect("flight polled after it delivered its outcome");
@@ -193,9 +441,8 @@ impl<K, T: Clone> Ticket<K, T> {
         if let Some(mut call) = callers_drive.then(|| state.call.take()).flatten() {
             state.poller = Some(slot);
             drop(state);
-            let polled = Driving::scope(&self.flight.flight, || {
-                self.flight.counters().poll_call(&mut call, cx)
-            });
+            let id = self.flight.id();
+            let polled = scope(id, || self.flight.counters().poll_call(&mut call, cx));
             let Poll::Ready(outcome) = polled else {
                 return self.put_back(call, slot, cx);
             };
@@ -224,8 +471,8 @@ impl<K, T: Clone> Ticket<K, T> {
     }
 }
 
-impl<K, T> Ticket<K, T> {
-    pub(crate) fn new(flight: Arc<Flight<K, T>>, slot: Option<usize>) -> Self {
+impl<K, T> Waiter<K, T> {
+    fn new(flight: Arc<Flight<K, T>>, slot: Option<usize>) -> Self {
         Self {
             flight: Seat { flight },
             slot,
@@ -286,7 +533,7 @@ impl<K, T> Ticket<K, T> {
     }
 }
 
-impl<K, T> Drop for Ticket<K, T> {
+impl<K, T> Drop for Waiter<K, T> {
     fn drop(&mut self) {
         if let Some(slot) = self.slot.take() {
             self.leave(slot);
@@ -327,7 +574,8 @@ impl<K, T: Clone> Driver<K, T> {
                 return Poll::Pending;
             };
             drop(state);
-            let polled = Driving::scope(&seat.flight, || seat.counters().poll_call(&mut call, cx));
+            let id = seat.id();
+            let polled = scope(id, || seat.counters().poll_call(&mut call, cx));
             if let Poll::Ready(outcome) = polled {
                 drop(seat.publish(outcome, None));
                 self.finished = true;
@@ -371,6 +619,36 @@ impl<K, T> Drop for Driver<K, T> {
     }
 }
 
+// --- impl Flight ---
+
+impl<K, T> Flight<K, T> {
+    /// A flight registered in its shard's map and waited on by its leader.
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        key: K,
+        hash: u64,
+        seq: u64,
+        index: u32,
+        shard: &Arc<Shard<K, T>>,
+        spawn: Spawn<K, T>,
+        detach: bool,
+        state: State<T>,
+    ) -> Self {
+        Self {
+            key,
+            hash,
+            seq,
+            index,
+            shard: Arc::clone(shard),
+            spawn,
+            detach,
+            registered: AtomicBool::new(true),
+            leader_moved: AtomicBool::new(true),
+            state: Mutex::new(state),
+        }
+    }
+}
+
 // --- impl Seat ---
 
 impl<K, T> Seat<K, T> {
@@ -382,9 +660,8 @@ impl<K, T> Seat<K, T> {
         &self.shard().counters
     }
 
-    #[cfg(feature = "tracing")]
-    fn hash(&self) -> u64 {
-        self.flight.hash
+    fn id(&self) -> FlightId {
+        FlightId::new(&self.flight.shard, self.flight.seq)
     }
 
     /// Spawns the flight's driving task; without a runtime, the task is
@@ -412,7 +689,7 @@ impl<K, T> Seat<K, T> {
     {
         // Free the key first: from here on, a new caller starts a new flight.
         let shard = self.shard();
-        Table::unlink(&mut lock(&shard.map), &self.flight);
+        lock(&shard.map).unlink(&self.flight);
 
         // Then store the outcome for the waiters that joined before.
         let (wakers, shared) = {
@@ -470,9 +747,9 @@ impl<K, T> Seat<K, T> {
     /// Marks the flight abandoned and frees its key, with both locks held.
     /// The caller drops the call once it has let go of them: its
     /// destructor is user code.
-    fn abandon(&self, map: &mut FlightMap<K, T>, state: &mut State<T>) {
+    fn abandon(&self, map: &mut Flights<K, T>, state: &mut State<T>) {
         state.done = true;
-        Table::unlink(map, &self.flight);
+        map.unlink(&self.flight);
         let counters = &self.shard().counters;
         counters.flights.fetch_sub(1, Ordering::Relaxed);
         counters.abandoned.fetch_add(1, Ordering::Relaxed);
@@ -488,31 +765,36 @@ impl<K, T> Seat<K, T> {
 
 thread_local! {
     /// The flights whose calls this thread is making or polling right now,
-    /// innermost last, by address.
-    static INSIDE: RefCell<Vec<usize>> = const { RefCell::new(Vec::new()) };
+    /// innermost last.
+    static INSIDE: RefCell<Vec<FlightId>> = const { RefCell::new(Vec::new()) };
 }
 
-/// Whether this thread is inside `flight`'s call: a caller that joined it
-/// from there would wait for itself.
-fn driving<K, T>(flight: &Arc<Flight<K, T>>) -> bool {
-    let address = Arc::as_ptr(flight) as usize;
-    INSIDE.with(|inside| inside.borrow().contains(&address))
-}
-
-impl Driving {
-    /// Runs `f`, which makes or polls `flight`'s call, marked as inside it.
-    fn scope<K, T, R>(flight: &Arc<Flight<K, T>>, f: impl FnOnce() -> R) -> R {
-        struct Leave;
-        impl Drop for Leave {
-            fn drop(&mut self) {
-                INSIDE.with(|inside| inside.borrow_mut().pop());
-            }
+impl FlightId {
+    fn new<K, T>(shard: &Arc<Shard<K, T>>, seq: u64) -> Self {
+        Self {
+            shard: Arc::as_ptr(shard).cast::<()>() as usize,
+            seq,
         }
-        let address = Arc::as_ptr(flight) as usize;
-        INSIDE.with(|inside| inside.borrow_mut().push(address));
-        let _leave = Leave;
-        f()
     }
+}
+
+/// Whether this thread is inside flight `id`'s call: a caller that joined it
+/// from there would wait for itself.
+fn inside(id: FlightId) -> bool {
+    INSIDE.with(|inside| inside.borrow().contains(&id))
+}
+
+/// Runs `f`, which makes or polls flight `id`'s call, marked as inside it.
+fn scope<R>(id: FlightId, f: impl FnOnce() -> R) -> R {
+    struct Leave;
+    impl Drop for Leave {
+        fn drop(&mut self) {
+            INSIDE.with(|inside| inside.borrow_mut().pop());
+        }
+    }
+    INSIDE.with(|inside| inside.borrow_mut().push(id));
+    let _leave = Leave;
+    f()
 }
 
 // --- impl Counters ---
