@@ -8,7 +8,7 @@ use std::future::Future;
 use std::hash::Hash;
 use std::panic::{self, AssertUnwindSafe};
 use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use pin_project_lite::pin_project;
@@ -63,8 +63,12 @@ pin_project! {
     where
         W: Work<T>,
     {
-        // In the flight, as its driver or as a waiter.
-        Flight {
+        // The leader, in the flight it started.
+        Lead {
+            ticket: Ticket<K, T>,
+        },
+        // A follower, in the flight it joined.
+        Follow {
             ticket: Ticket<K, T>,
             // Kept only by followers that may call on their own.
             work: Option<W>,
@@ -93,17 +97,10 @@ where
     /// Starts the flight's call with the work `make` returns; a panic in
     /// either reaches every waiter as the flight's outcome.
     pub(crate) fn lead(mut ticket: Ticket<K, T>, make: impl FnOnce() -> W) -> Self {
-        ticket.start(|| {
-            let call = make().start();
-            async move { call.await.map_err(Error::inner_error) }
+        ticket.start(|| Call {
+            call: make().start(),
         });
-        let state = State::Flight {
-            ticket,
-            work: None,
-            limit: None,
-            sleep: None,
-        };
-        Self::new(Role::Leader, state)
+        Self::new(Role::Leader, State::Lead { ticket })
     }
 
     pub(crate) fn follow(
@@ -112,13 +109,33 @@ where
         limit: Option<(Duration, OnWaitLimit)>,
     ) -> Self {
         let limit = limit.map(|(limit, then)| (Instant::now() + limit, then));
-        let state = State::Flight {
+        let state = State::Follow {
             ticket,
             work,
             limit,
             sleep: None,
         };
         Self::new(Role::Follower, state)
+    }
+}
+
+pin_project! {
+    /// A leader's call, its error made the flight's.
+    struct Call<F> {
+        #[pin]
+        call: F,
+    }
+}
+
+impl<F, T, E> Future for Call<F>
+where
+    F: Future<Output = Result<T, E>>,
+    E: Into<BoxError>,
+{
+    type Output = Result<T, Error>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        self.project().call.poll(cx).map_err(Error::inner_error)
     }
 }
 
@@ -158,7 +175,15 @@ where
         loop {
             match this.state.as_mut().project() {
                 // Drive the call or wait for it; the ticket knows which.
-                StateProj::Flight {
+                StateProj::Lead { ticket } => {
+                    let (outcome, shared) = ready!(ticket.poll(cx));
+                    *this.shared = shared;
+                    this.state.set(State::Done);
+                    return Poll::Ready(outcome);
+                }
+
+                // The same, for a follower, which may have a wait limit.
+                StateProj::Follow {
                     ticket,
                     work,
                     limit,

@@ -90,6 +90,7 @@ fn value(delivered: &Delivered) -> u32 {
 
 fn assert_idle(table: &Table<u8, u32>, backend: &Backend) {
     assert_eq!(table.len(), 0, "the map ends empty");
+    assert_eq!(table.entries(), 0, "no entry outlives its flight's callers");
     let stats = table.stats();
     assert_eq!(
         (stats.flights, stats.waiters),

@@ -27,7 +27,7 @@ mod loom;
 mod table;
 mod wakers;
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::future::Future;
 use std::hash::Hash;
 use std::mem;
@@ -764,9 +764,11 @@ impl<K, T> Seat<K, T> {
 // --- the flights this thread is inside ---
 
 thread_local! {
-    /// The flights whose calls this thread is making or polling right now,
-    /// innermost last.
-    static INSIDE: RefCell<Vec<FlightId>> = const { RefCell::new(Vec::new()) };
+    /// The flight whose call this thread is making or polling right now.
+    static INNERMOST: Cell<Option<FlightId>> = const { Cell::new(None) };
+    /// The flights whose calls this thread is inside around the innermost
+    /// one, innermost last: empty unless one call makes or polls another.
+    static OUTER: RefCell<Vec<FlightId>> = const { RefCell::new(Vec::new()) };
 }
 
 impl FlightId {
@@ -781,19 +783,28 @@ impl FlightId {
 /// Whether this thread is inside flight `id`'s call: a caller that joined it
 /// from there would wait for itself.
 fn inside(id: FlightId) -> bool {
-    INSIDE.with(|inside| inside.borrow().contains(&id))
+    match INNERMOST.get() {
+        None => false,
+        Some(innermost) => innermost == id || OUTER.with_borrow(|outer| outer.contains(&id)),
+    }
 }
 
 /// Runs `f`, which makes or polls flight `id`'s call, marked as inside it.
 fn scope<R>(id: FlightId, f: impl FnOnce() -> R) -> R {
-    struct Leave;
+    struct Leave(Option<FlightId>);
     impl Drop for Leave {
         fn drop(&mut self) {
-            INSIDE.with(|inside| inside.borrow_mut().pop());
+            if self.0.is_some() {
+                OUTER.with_borrow_mut(Vec::pop);
+            }
+            INNERMOST.set(self.0);
         }
     }
-    INSIDE.with(|inside| inside.borrow_mut().push(id));
-    let _leave = Leave;
+    let outer = INNERMOST.replace(Some(id));
+    if let Some(outer) = outer {
+        OUTER.with_borrow_mut(|outers| outers.push(outer));
+    }
+    let _leave = Leave(outer);
     f()
 }
 
