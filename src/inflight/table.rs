@@ -40,6 +40,8 @@ pub(super) struct Flights<K, T> {
     slab: Vec<Slot<K, T>>,
     /// The first free slot of `slab`.
     free: Option<u32>,
+    /// How many slots of `slab` hold an entry.
+    used: usize,
     /// Counters changed with the lock held: all of a lone flight's, and a
     /// follower's arrival.
     pub(super) tally: Tally,
@@ -149,6 +151,7 @@ impl<K: Hash + Eq, T: Clone> Table<K, T> {
                         heads: HashMap::default(),
                         slab: Vec::new(),
                         free: None,
+                        used: 0,
                         tally: Tally::default(),
                         next: 0,
                     }),
@@ -352,6 +355,7 @@ impl<K: Eq, T> Flights<K, T> {
         };
         let seq = self.next;
         self.next += 1;
+        self.used += 1;
         self.slab[index as usize] = Slot::Used(lone(key, seq), chain);
         Joined::Lead(index)
     }
@@ -419,6 +423,7 @@ impl<K, T> Flights<K, T> {
         let Slot::Used(entry, next) = slot else {
             unreachable!("a flight's entry outlives its holders");
         };
+        self.used -= 1;
 
         // Unchain it: almost always the only entry of its hash.
         let MapEntry::Occupied(mut head) = self.heads.entry(hash) else {
@@ -429,6 +434,7 @@ impl<K, T> Flights<K, T> {
                 Some(next) => *head.get_mut() = next,
                 None => drop(head.remove()),
             }
+            self.shrink_if_empty();
             return entry;
         }
         let mut at = *head.get();
@@ -444,6 +450,17 @@ impl<K, T> Flights<K, T> {
                 Some(after_index) => at = after_index,
                 None => unreachable!("a used slot is chained"),
             }
+        }
+    }
+
+    /// Gives back the memory of a burst of flights once the last has
+    /// ended, so that the map's size follows the flights in progress.
+    fn shrink_if_empty(&mut self) {
+        const KEEP: usize = 64;
+        if self.used == 0 && self.slab.capacity() > KEEP {
+            self.slab = Vec::new();
+            self.free = None;
+            self.heads = HashMap::default();
         }
     }
 
@@ -554,5 +571,34 @@ impl Hasher for HashIsKey {
 
     fn write_u64(&mut self, hash: u64) {
         self.0 = hash;
+    }
+}
+
+#[cfg(all(test, not(singleflight_loom)))]
+mod tests {
+    use super::*;
+
+    /// The slab slots a table holds on to, over every shard.
+    fn capacity(table: &Table<u32, u32>) -> usize {
+        let slots = |shard: &Arc<Shard<u32, u32>>| lock(&shard.map).slab.capacity();
+        table.shards.iter().map(slots).sum()
+    }
+
+    #[test]
+    fn a_burst_of_flights_gives_its_memory_back_once_it_ends() {
+        let table = Table::<u32, u32>::new();
+        let tickets: Vec<_> = (0..10_000)
+            .map(|key| {
+                let (mut ticket, leads) = table.join(key, false);
+                assert!(leads);
+                ticket.start(|| std::future::pending::<Result<u32, crate::Error>>());
+                ticket
+            })
+            .collect();
+        assert!(capacity(&table) >= 10_000);
+
+        drop(tickets);
+        assert_eq!(table.len(), 0);
+        assert_eq!(capacity(&table), 0, "the slabs were not given back");
     }
 }
