@@ -867,3 +867,62 @@ async fn when_every_caller_has_left_the_shared_rpc_is_cancelled() {
     })
     .await;
 }
+
+// --- malformed frames ---
+
+/// Two identical unary calls sent straight through the server layer, whose
+/// message carries compression flag `flag`: how many reach the service.
+async fn calls_made_with_flag(flag: u8) -> usize {
+    use tower::ServiceExt;
+
+    let group = GrpcGroup::new();
+    let made = Arc::new(AtomicUsize::new(0));
+    let (open, gate) = watch::channel(false);
+    let inner = {
+        let made = Arc::clone(&made);
+        tower::service_fn(move |_req: http::Request<Body>| {
+            made.fetch_add(1, Ordering::SeqCst);
+            let mut gate = gate.clone();
+            async move {
+                gate.wait_for(|open| *open).await.expect("the gate stays");
+                let reply = http::Response::builder()
+                    .header("content-type", "application/grpc")
+                    .header("grpc-status", "0")
+                    .body(Body::empty())
+                    .expect("a response");
+                Ok::<_, Infallible>(reply)
+            }
+        })
+    };
+    let layer = SingleflightLayer::grpc(Body::new as MakeBody).with_group(group.clone());
+    let svc = ServiceBuilder::new().layer(layer).service(inner);
+    let request = || {
+        let frame = Bytes::from(vec![flag, 0, 0, 0, 2, b'h', b'i']);
+        http::Request::post("http://localhost/echo.Echo/Get")
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(Body::new(http_body_util::Full::new(frame)))
+            .expect("a request")
+    };
+    let first = tokio::spawn(svc.clone().oneshot(request()));
+    let second = tokio::spawn(svc.oneshot(request()));
+
+    // Both calls are in: at the service, or waiting for the one that is.
+    until(|| made.load(Ordering::SeqCst) + group.stats().followers as usize >= 2).await;
+    open.send(true).expect("a receiver");
+    for task in [first, second] {
+        let res = task.await.expect("a task").expect("a response");
+        assert_eq!(res.status(), 200);
+    }
+    made.load(Ordering::SeqCst)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_with_an_undefined_compression_flag_is_never_coalesced() {
+    bounded(async {
+        assert_eq!(calls_made_with_flag(0).await, 1, "plain messages coalesce");
+        assert_eq!(calls_made_with_flag(1).await, 1, "compressed ones too");
+        assert_eq!(calls_made_with_flag(0xff).await, 2, "a malformed one went through");
+    })
+    .await;
+}

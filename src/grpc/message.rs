@@ -43,6 +43,13 @@ fn declared_len(read: &VecDeque<Bytes>) -> Option<usize> {
     None
 }
 
+/// Whether the first message's compression flag is one gRPC defines: 0 for
+/// a plain message, 1 for a compressed one.
+fn known_flag(read: &VecDeque<Bytes>) -> bool {
+    let flag = read.iter().find_map(|chunk| chunk.first());
+    matches!(flag, Some(0 | 1))
+}
+
 /// What reading a request's body found.
 pub(crate) enum Read<B: Body> {
     /// One whole message, and the body ended right after it: a unary call.
@@ -152,9 +159,11 @@ impl<B: Body> ReadMessage<B> {
         Poll::Ready(self.stream(Ok(body)))
     }
 
-    /// The body ended: a unary call if it held exactly one message.
+    /// The body ended: a unary call if it held exactly one well-formed
+    /// message. Anything else goes to the inner service as it came, for it
+    /// to judge.
     fn ended(&mut self) -> Read<B> {
-        if !self.has_message() {
+        if !self.has_message() || !known_flag(&self.read) {
             return self.stream_ended();
         }
         let head = self.head.take().expect("a request is read once");
@@ -236,6 +245,16 @@ mod tests {
     fn a_byte_of_a_second_message_is_past_one() {
         let (read, len) = chunks(&[&[0, 0, 0, 0, 1, b'a', 0]]);
         assert!(past_one_message(&read, len));
+    }
+
+    #[test]
+    fn only_the_two_defined_compression_flags_are_known() {
+        let flag = |byte: u8| known_flag(&chunks(&[&[], &[byte, 0, 0, 0, 0]]).0);
+        assert!(flag(0));
+        assert!(flag(1));
+        assert!(!flag(2));
+        assert!(!flag(0xff));
+        assert!(!known_flag(&VecDeque::new()));
     }
 
     #[test]

@@ -94,8 +94,10 @@
 //! - past it, it waits up to [`end_wait`](GrpcLayer::end_wait) (5 ms by
 //!   default) for the body to end.
 //!
-//! A call that does not pass both tests, or whose message is longer than
-//! the [message limit](GrpcLayer::message_limit), passes through: the bytes
+//! A call that does not pass both tests, whose message is longer than the
+//! [message limit](GrpcLayer::message_limit), or whose message has a
+//! compression flag gRPC does not define (neither 0 nor 1), passes through
+//! for the inner service to judge: the bytes
 //! read so far are replayed in front of the rest of its body, and it goes on
 //! as it would have without the layer. So a client- or bidirectional-
 //! streaming call is held up by `end_wait` at most; one whose client waits
