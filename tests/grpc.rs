@@ -922,7 +922,11 @@ async fn a_message_with_an_undefined_compression_flag_is_never_coalesced() {
     bounded(async {
         assert_eq!(calls_made_with_flag(0).await, 1, "plain messages coalesce");
         assert_eq!(calls_made_with_flag(1).await, 1, "compressed ones too");
-        assert_eq!(calls_made_with_flag(0xff).await, 2, "a malformed one went through");
+        assert_eq!(
+            calls_made_with_flag(0xff).await,
+            2,
+            "a malformed one went through"
+        );
     })
     .await;
 }

@@ -285,9 +285,7 @@ impl<K: Hash + Eq, T: Clone> Table<K, T> {
     /// caller has gone.
     #[cfg(all(test, singleflight_loom))]
     pub(crate) fn entries(&self) -> usize {
-        let entries = |shard: &Arc<Shard<K, T>>| {
-            lock(&shard.map).entries().count()
-        };
+        let entries = |shard: &Arc<Shard<K, T>>| lock(&shard.map).entries().count();
         self.shards.iter().map(entries).sum()
     }
 
