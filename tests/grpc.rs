@@ -752,6 +752,7 @@ async fn a_follower_with_a_shorter_deadline_leaves_alone() {
         // The hasty one gives up at its deadline, alone.
         let status = hasty.await.unwrap().expect_err("its deadline passes");
         assert_eq!(status.code(), Code::DeadlineExceeded);
+        assert!(status.message().contains("shared call"), "{status:?}");
         assert_eq!(group.stats().waiters, 2);
         open.send_replace(true);
 
@@ -786,6 +787,7 @@ async fn the_leaders_deadline_does_not_fail_followers_within_theirs() {
         // The leader gives up at its deadline; the call goes on.
         let status = leader.await.unwrap().expect_err("its deadline passes");
         assert_eq!(status.code(), Code::DeadlineExceeded);
+        assert_eq!(status.message(), "deadline exceeded", "it waited on no one");
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert_eq!(backend.count(|c| &c.gets_dropped), 0);
         open.send_replace(true);

@@ -162,7 +162,7 @@ where
                 StateProj::Read { read, start } => {
                     let Poll::Ready(read) = read.poll_read(cx) else {
                         if expired(this.timer.as_mut(), *this.deadline, cx) {
-                            break Ok((status::deadline_exceeded(), false));
+                            break Ok((status::deadline_exceeded(false), false));
                         }
                         return Poll::Pending;
                     };
@@ -184,7 +184,8 @@ where
                         // call of its own by now: say so, whatever ends it.
                         *this.role = Some(run.role());
                         if expired(this.timer.as_mut(), *this.deadline, cx) {
-                            break Ok((status::deadline_exceeded(), false));
+                            let following = run.role() == Role::Follower;
+                            break Ok((status::deadline_exceeded(following), false));
                         }
                         return Poll::Pending;
                     };
@@ -210,7 +211,7 @@ where
                     if let Some(deadline) = *this.deadline {
                         let left = deadline.saturating_duration_since(Instant::now());
                         if left.is_zero() {
-                            break Ok((status::deadline_exceeded(), false));
+                            break Ok((status::deadline_exceeded(true), false));
                         }
                         req.headers_mut()
                             .insert(GRPC_TIMEOUT, status::timeout_value(left));

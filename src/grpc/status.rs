@@ -22,12 +22,15 @@ const DEADLINE_EXCEEDED: &str = "4";
 const INTERNAL: &str = "13";
 const UNAVAILABLE: &str = "14";
 
-/// A caller's deadline passed before its shared call finished.
-pub(crate) fn deadline_exceeded<B: Body>() -> Response<ResponseBody<B>> {
-    status(
-        DEADLINE_EXCEEDED,
-        "deadline exceeded while waiting for a shared call",
-    )
+/// A caller's deadline passed before its call finished: one it waited for
+/// as a follower when `following`, else its own.
+pub(crate) fn deadline_exceeded<B: Body>(following: bool) -> Response<ResponseBody<B>> {
+    let message = if following {
+        "deadline exceeded while waiting for a shared call"
+    } else {
+        "deadline exceeded"
+    };
+    status(DEADLINE_EXCEEDED, message)
 }
 
 /// The layer's own failure: `UNAVAILABLE` for a wait limit, `INTERNAL` for
