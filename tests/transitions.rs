@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use futures::channel::oneshot;
 use tower::{service_fn, Service, ServiceBuilder, ServiceExt};
 use tower_singleflight::future::Run;
-use tower_singleflight::{Error, Group, OnWaitLimit, Role, SingleflightLayer, Stats};
+use tower_singleflight::{Error, Group, OnWaitLimit, Role, SingleflightLayer, Stats, Work};
 
 /// How long anything may take before the test calls it a hang.
 const WAIT: Duration = Duration::from_secs(5);
@@ -53,6 +53,20 @@ enum Cmd {
     Panic,
 }
 
+impl Cmd {
+    /// What a poll told `self` returns; a finished call counts in `finished`.
+    fn outcome(self, finished: &AtomicUsize) -> Poll<Out> {
+        let out = match self {
+            Cmd::Pending => return Poll::Pending,
+            Cmd::Ok(v) => Ok(v),
+            Cmd::Err(code) => Err(Fail(code)),
+            Cmd::Panic => panic!("poll boom"),
+        };
+        finished.fetch_add(1, SeqCst);
+        Poll::Ready(out)
+    }
+}
+
 #[track_caller]
 fn ok(out: &Result<u32, Error>) -> u32 {
     match out {
@@ -78,15 +92,56 @@ fn assert_inner(out: &Result<u32, Error>, code: u16) {
 }
 
 // ---------------------------------------------------------------------------
-// Gated calls: resolved by the test, usable with or without a runtime
+// Controlled calls: gated ones, resolved by the test with or without a
+// runtime, and scripted ones
 // ---------------------------------------------------------------------------
+
+/// How many calls a source made, finished, and still holds alive.
+#[derive(Default)]
+struct Counts {
+    started: AtomicUsize,
+    finished: AtomicUsize,
+    live: AtomicUsize,
+}
+
+impl Counts {
+    fn start(&self) {
+        self.started.fetch_add(1, SeqCst);
+        self.live.fetch_add(1, SeqCst);
+    }
+
+    fn started(&self) -> usize {
+        self.started.load(SeqCst)
+    }
+
+    fn finished(&self) -> usize {
+        self.finished.load(SeqCst)
+    }
+
+    fn live(&self) -> usize {
+        self.live.load(SeqCst)
+    }
+}
+
+/// The work of one controlled call: `make` makes it from its source.
+struct WorkOf<S, C> {
+    source: Arc<S>,
+    make: fn(&Arc<S>) -> C,
+}
+
+impl<S, C: Future<Output = Out> + Send + 'static> Work<u32> for WorkOf<S, C> {
+    type Error = Fail;
+    type Future = C;
+
+    fn start(self) -> C {
+        (self.make)(&self.source)
+    }
+}
 
 /// Counts the calls made through `work`, and resolves them one by one.
 #[derive(Default)]
 struct Calls {
-    started: AtomicUsize,
-    finished: AtomicUsize,
-    live: AtomicUsize,
+    counts: Counts,
     polls: AtomicUsize,
     gates: Mutex<Vec<Option<oneshot::Sender<Cmd>>>>,
 }
@@ -97,16 +152,17 @@ impl Calls {
     }
 
     /// Work whose call waits for `resolve(n, ..)`, `n` being its start order.
-    fn work(self: &Arc<Self>) -> impl FnOnce() -> Gated + Send + 'static {
-        let calls = Arc::clone(self);
-        move || calls.gated()
+    fn work(self: &Arc<Self>) -> WorkOf<Self, Gated> {
+        WorkOf {
+            source: Arc::clone(self),
+            make: Self::gated,
+        }
     }
 
     fn gated(self: &Arc<Self>) -> Gated {
         let (tx, rx) = oneshot::channel();
         self.gates.lock().unwrap().push(Some(tx));
-        self.started.fetch_add(1, SeqCst);
-        self.live.fetch_add(1, SeqCst);
+        self.start();
         Gated {
             rx,
             calls: Arc::clone(self),
@@ -121,17 +177,13 @@ impl Calls {
         tx.send(cmd)
             .expect("the call was dropped before it was resolved");
     }
+}
 
-    fn started(&self) -> usize {
-        self.started.load(SeqCst)
-    }
+impl std::ops::Deref for Calls {
+    type Target = Counts;
 
-    fn finished(&self) -> usize {
-        self.finished.load(SeqCst)
-    }
-
-    fn live(&self) -> usize {
-        self.live.load(SeqCst)
+    fn deref(&self) -> &Counts {
+        &self.counts
     }
 }
 
@@ -150,18 +202,7 @@ impl Future for Gated {
             Poll::Ready(Ok(cmd)) => cmd,
             Poll::Ready(Err(_)) => Cmd::Err(0),
         };
-        match cmd {
-            Cmd::Pending => Poll::Pending,
-            Cmd::Ok(v) => {
-                self.calls.finished.fetch_add(1, SeqCst);
-                Poll::Ready(Ok(v))
-            }
-            Cmd::Err(code) => {
-                self.calls.finished.fetch_add(1, SeqCst);
-                Poll::Ready(Err(Fail(code)))
-            }
-            Cmd::Panic => panic!("poll boom"),
-        }
+        cmd.outcome(&self.calls.finished)
     }
 }
 
@@ -185,72 +226,74 @@ fn never(counter: &Arc<AtomicUsize>) -> impl FnOnce() -> std::future::Ready<Out>
     }
 }
 
-// ---------------------------------------------------------------------------
-// Scripted calls: every poll blocks its thread until the test says what it
-// returns. For a multi-thread runtime or plain threads only.
-// ---------------------------------------------------------------------------
+/// A channel the script keeps both ends of.
+struct Chan<T> {
+    tx: Mutex<mpsc::Sender<T>>,
+    rx: Mutex<mpsc::Receiver<T>>,
+}
 
+impl<T> Default for Chan<T> {
+    fn default() -> Self {
+        let (tx, rx) = mpsc::channel();
+        Self {
+            tx: Mutex::new(tx),
+            rx: Mutex::new(rx),
+        }
+    }
+}
+
+impl<T> Chan<T> {
+    fn send(&self, value: T) {
+        self.tx.lock().unwrap().send(value).unwrap();
+    }
+
+    /// The next value, if one comes within `WAIT`.
+    fn recv(&self) -> Option<T> {
+        self.rx.lock().unwrap().recv_timeout(WAIT).ok()
+    }
+}
+
+/// Scripted calls: every poll blocks its thread until the test says what
+/// it returns. For a multi-thread runtime or plain threads only.
+#[derive(Default)]
 struct Script {
-    entered_tx: Mutex<mpsc::Sender<()>>,
-    entered_rx: Mutex<mpsc::Receiver<()>>,
-    cmd_tx: Mutex<mpsc::Sender<Cmd>>,
-    cmd_rx: Mutex<mpsc::Receiver<Cmd>>,
-    made_tx: Mutex<mpsc::Sender<()>>,
-    made_rx: Mutex<mpsc::Receiver<()>>,
-    make_tx: Mutex<mpsc::Sender<bool>>,
-    make_rx: Mutex<mpsc::Receiver<bool>>,
+    /// A poll has begun.
+    entered: Chan<()>,
+    /// What the poll in progress returns.
+    cmds: Chan<Cmd>,
+    /// A make has begun.
+    made: Chan<()>,
+    /// Whether the make in progress returns its call (or panics).
+    make: Chan<bool>,
     waker: Mutex<Option<Waker>>,
-    started: AtomicUsize,
-    finished: AtomicUsize,
-    live: AtomicUsize,
+    counts: Counts,
 }
 
 impl Script {
     fn new() -> Arc<Self> {
-        let (entered_tx, entered_rx) = mpsc::channel();
-        let (cmd_tx, cmd_rx) = mpsc::channel();
-        let (made_tx, made_rx) = mpsc::channel();
-        let (make_tx, make_rx) = mpsc::channel();
-        Arc::new(Self {
-            entered_tx: Mutex::new(entered_tx),
-            entered_rx: Mutex::new(entered_rx),
-            cmd_tx: Mutex::new(cmd_tx),
-            cmd_rx: Mutex::new(cmd_rx),
-            made_tx: Mutex::new(made_tx),
-            made_rx: Mutex::new(made_rx),
-            make_tx: Mutex::new(make_tx),
-            make_rx: Mutex::new(make_rx),
-            waker: Mutex::new(None),
-            started: AtomicUsize::new(0),
-            finished: AtomicUsize::new(0),
-            live: AtomicUsize::new(0),
-        })
+        Arc::default()
     }
 
     fn scripted(self: &Arc<Self>) -> Scripted {
-        self.started.fetch_add(1, SeqCst);
-        self.live.fetch_add(1, SeqCst);
+        self.start();
         Scripted {
             script: Arc::clone(self),
         }
     }
 
-    fn work(self: &Arc<Self>) -> impl FnOnce() -> Scripted + Send + 'static {
-        let script = Arc::clone(self);
-        move || script.scripted()
+    fn work(self: &Arc<Self>) -> WorkOf<Self, Scripted> {
+        WorkOf {
+            source: Arc::clone(self),
+            make: Self::scripted,
+        }
     }
 
-    /// Work whose making blocks until `go` (or `panic_make`).
+    /// Work whose making blocks until `release_make`.
     fn blocking_make(self: &Arc<Self>) -> impl FnOnce() -> Scripted + Send + 'static {
         let script = Arc::clone(self);
         move || {
-            script.made_tx.lock().unwrap().send(()).unwrap();
-            let go = script
-                .make_rx
-                .lock()
-                .unwrap()
-                .recv_timeout(WAIT)
-                .expect("the test never released the make");
+            script.made.send(());
+            let go = (script.make.recv()).expect("the test never released the make");
             if !go {
                 panic!("make boom");
             }
@@ -261,30 +304,23 @@ impl Script {
     /// Waits until some thread is inside the making of the call.
     #[track_caller]
     fn making(&self) {
-        self.made_rx
-            .lock()
-            .unwrap()
-            .recv_timeout(WAIT)
-            .expect("the call was not made");
+        self.made.recv().expect("the call was not made");
     }
 
+    /// Lets the make in progress return its call (`go`) or panic.
     fn release_make(&self, go: bool) {
-        self.make_tx.lock().unwrap().send(go).unwrap();
+        self.make.send(go);
     }
 
     /// Waits until some thread is inside a poll of the call.
     #[track_caller]
     fn entered(&self) {
-        self.entered_rx
-            .lock()
-            .unwrap()
-            .recv_timeout(WAIT)
-            .expect("the call was not polled");
+        self.entered.recv().expect("the call was not polled");
     }
 
     /// Tells the poll in progress what to return.
     fn send(&self, cmd: Cmd) {
-        self.cmd_tx.lock().unwrap().send(cmd).unwrap();
+        self.cmds.send(cmd);
     }
 
     /// Waits for the next poll and tells it what to return.
@@ -304,13 +340,13 @@ impl Script {
             .expect("the call never returned Pending")
             .wake();
     }
+}
 
-    fn started(&self) -> usize {
-        self.started.load(SeqCst)
-    }
+impl std::ops::Deref for Script {
+    type Target = Counts;
 
-    fn live(&self) -> usize {
-        self.live.load(SeqCst)
+    fn deref(&self) -> &Counts {
+        &self.counts
     }
 }
 
@@ -326,25 +362,9 @@ impl Future for Scripted {
         // Store the waker first, so that a `wake` after `Pending` always
         // finds the one this poll leaves.
         *script.waker.lock().unwrap() = Some(cx.waker().clone());
-        script.entered_tx.lock().unwrap().send(()).unwrap();
-        let cmd = script
-            .cmd_rx
-            .lock()
-            .unwrap()
-            .recv_timeout(WAIT)
-            .unwrap_or(Cmd::Err(999));
-        match cmd {
-            Cmd::Pending => Poll::Pending,
-            Cmd::Ok(v) => {
-                script.finished.fetch_add(1, SeqCst);
-                Poll::Ready(Ok(v))
-            }
-            Cmd::Err(code) => {
-                script.finished.fetch_add(1, SeqCst);
-                Poll::Ready(Err(Fail(code)))
-            }
-            Cmd::Panic => panic!("poll boom"),
-        }
+        script.entered.send(());
+        let cmd = script.cmds.recv().unwrap_or(Cmd::Err(999));
+        cmd.outcome(&script.finished)
     }
 }
 
@@ -418,6 +438,13 @@ impl<F: Future> Polled<F> {
     fn out(&self) -> &F::Output {
         self.out.as_ref().expect("still pending")
     }
+
+    /// Polls it once, which must leave it pending.
+    #[track_caller]
+    fn parked(mut self) -> Self {
+        assert!(!self.poll(), "finished at its first poll");
+        self
+    }
 }
 
 impl<K, T, W> Polled<Run<K, T, W>>
@@ -469,16 +496,35 @@ fn run_woken(futures: &mut [&mut dyn Step]) {
 // Checks at the end
 // ---------------------------------------------------------------------------
 
+/// Waits up to `WAIT` until `problem` finds none; panics with the last it
+/// found.
+#[track_caller]
+fn until_none(problem: impl Fn() -> Option<String>) {
+    let deadline = Instant::now() + WAIT;
+    while let Some(problem) = problem() {
+        assert!(Instant::now() < deadline, "{problem}");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// The same, letting the current runtime's tasks run meanwhile.
+async fn until_none_async(problem: impl Fn() -> Option<String>) {
+    let deadline = Instant::now() + WAIT;
+    while let Some(problem) = problem() {
+        assert!(Instant::now() < deadline, "{problem}");
+        settle().await;
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
 fn idle_problem<K, T>(group: &Group<K, T>) -> Option<String>
 where
     K: std::hash::Hash + Eq + Send + Sync + 'static,
     T: Clone + Send + 'static,
 {
     let (len, stats) = (group.len(), group.stats());
-    if len != 0 || stats.flights != 0 || stats.waiters != 0 {
-        return Some(format!("len {len}, stats {stats:?}"));
-    }
-    None
+    (len != 0 || stats.flights != 0 || stats.waiters != 0)
+        .then(|| format!("the group never became idle: len {len}, stats {stats:?}"))
 }
 
 /// The group is empty with zero gauges, now or within `WAIT` (drop tasks
@@ -489,16 +535,7 @@ where
     K: std::hash::Hash + Eq + Send + Sync + 'static,
     T: Clone + Send + 'static,
 {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let Some(problem) = idle_problem(group) else {
-            return;
-        };
-        if Instant::now() > deadline {
-            panic!("the group never became idle: {problem}");
-        }
-        std::thread::sleep(Duration::from_millis(2));
-    }
+    until_none(|| idle_problem(group));
 }
 
 /// The same, letting the current runtime's tasks run meanwhile.
@@ -507,36 +544,21 @@ where
     K: std::hash::Hash + Eq + Send + Sync + 'static,
     T: Clone + Send + 'static,
 {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let Some(problem) = idle_problem(group) else {
-            return;
-        };
-        if Instant::now() > deadline {
-            panic!("the group never became idle: {problem}");
-        }
-        settle().await;
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
+    until_none_async(|| idle_problem(group)).await;
+}
+
+fn never_happened(what: &str, happened: bool) -> Option<String> {
+    (!happened).then(|| format!("never happened: {what}"))
 }
 
 /// Waits up to `WAIT` for `cond` on another thread's behalf.
 #[track_caller]
 fn eventually(what: &str, cond: impl Fn() -> bool) {
-    let deadline = Instant::now() + WAIT;
-    while !cond() {
-        assert!(Instant::now() < deadline, "never happened: {what}");
-        std::thread::sleep(Duration::from_millis(2));
-    }
+    until_none(|| never_happened(what, cond()));
 }
 
 async fn eventually_async(what: &str, cond: impl Fn() -> bool) {
-    let deadline = Instant::now() + WAIT;
-    while !cond() {
-        assert!(Instant::now() < deadline, "never happened: {what}");
-        settle().await;
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
+    until_none_async(|| never_happened(what, cond())).await;
 }
 
 async fn settle() {
@@ -610,22 +632,321 @@ fn noting<F: Future + Unpin>(mut fut: F, tx: mpsc::Sender<()>) -> impl Future<Ou
     })
 }
 
+/// Runs `check` once for each case; a failure names its case.
+fn for_each_case<C: fmt::Debug + Copy>(cases: &[C], check: impl Fn(C)) {
+    for &case in cases {
+        let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| check(case)));
+        if let Err(panic) = run {
+            let message = (panic.downcast_ref::<String>().map(String::as_str))
+                .or_else(|| panic.downcast_ref::<&str>().copied())
+                .unwrap_or("(no message)");
+            panic!("case {case:?} failed: {message}");
+        }
+    }
+}
+
+fn current_thread_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+// ---------------------------------------------------------------------------
+// Callers of key 1 with gated calls, polled by hand
+// ---------------------------------------------------------------------------
+
+type Caller = Polled<Run<u32, u32, WorkOf<Calls, Gated>>>;
+
+/// A group, and the gated calls its callers of key 1 make.
+struct Callers {
+    group: Group<u32, u32>,
+    calls: Arc<Calls>,
+}
+
+impl Callers {
+    fn new() -> Self {
+        Self::of(Group::new())
+    }
+
+    fn running_to_completion() -> Self {
+        Self::of(Group::new().run_to_completion(true))
+    }
+
+    fn of(group: Group<u32, u32>) -> Self {
+        Self {
+            group,
+            calls: Calls::new(),
+        }
+    }
+
+    /// A new caller, not polled yet.
+    fn caller(&self) -> Caller {
+        Polled::new(self.group.run(1, self.calls.work()))
+    }
+
+    /// A new caller that must lead a flight.
+    #[track_caller]
+    fn leader(&self) -> Caller {
+        let leader = self.caller();
+        assert_eq!(leader.role(), Role::Leader);
+        leader
+    }
+
+    /// A new caller that must join a flight in progress.
+    #[track_caller]
+    fn follower(&self) -> Caller {
+        let follower = self.caller();
+        assert_eq!(follower.role(), Role::Follower);
+        follower
+    }
+
+    /// A leader polled once, then a follower polled once: a shared flight
+    /// that turned shared after its leader parked the call.
+    #[track_caller]
+    fn parked_pair(&self) -> (Caller, Caller) {
+        let leader = self.leader().parked();
+        (leader, self.follower().parked())
+    }
+
+    /// Resolves call `index` with `value`, runs the woken callers, and
+    /// checks that each of them got the value.
+    #[track_caller]
+    fn deliver(&self, index: usize, value: u32, callers: &mut [&mut Caller]) {
+        self.calls.resolve(index, Cmd::Ok(value));
+        let mut steps: Vec<&mut dyn Step> = callers.iter_mut().map(|c| &mut **c as _).collect();
+        run_woken(&mut steps);
+        for (i, caller) in callers.iter().enumerate() {
+            assert!(caller.done(), "caller {i} was never woken");
+            assert_eq!(ok(caller.out()), value, "caller {i}");
+        }
+    }
+
+    /// The end of a scenario: `started` calls made, none left alive, the
+    /// group empty with zero gauges.
+    #[track_caller]
+    fn ended(&self, started: usize) {
+        assert_eq!(self.calls.started(), started, "calls made");
+        assert_eq!(self.calls.live(), 0, "a call outlived its callers");
+        assert_idle(&self.group);
+    }
+
+    /// The same on a current-thread runtime, whose tasks may still be
+    /// dropping the call.
+    async fn ended_on_runtime(&self, started: usize) {
+        eventually_async("the call is dropped", || self.calls.live() == 0).await;
+        idle(&self.group).await;
+        assert_eq!(self.calls.started(), started, "calls made");
+    }
+}
+
+/// Every caller holds the value `value`.
+#[track_caller]
+fn assert_values<F>(callers: &[&Polled<F>], value: u32)
+where
+    F: Future<Output = Result<u32, Error>>,
+{
+    for (i, caller) in callers.iter().enumerate() {
+        assert!(caller.done(), "caller {i} is still pending");
+        assert_eq!(ok(caller.out()), value, "caller {i}");
+    }
+}
+
+// ---------------------------------------------------------------------------
+// A multi-thread runtime with scripted calls on key 1
+// ---------------------------------------------------------------------------
+
+/// Where a multi-thread test holds its leader while a follower comes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Held {
+    /// Inside a poll of its call.
+    InPoll,
+    /// Inside the making of its call, before the call exists.
+    InMake,
+}
+
+/// A multi-thread runtime, its group, and the script of the calls.
+struct Mt {
+    rt: tokio::runtime::Runtime,
+    group: Group<u32, u32>,
+    s: Arc<Script>,
+}
+
+/// Runs `test` inside a fresh two-worker runtime, which the test thread
+/// enters (so that callers it drops or makes may hand calls to tasks).
+fn multi_thread(group: Group<u32, u32>, test: impl FnOnce(&Mt)) {
+    let t = Mt {
+        rt: mt_runtime(),
+        group,
+        s: Script::new(),
+    };
+    let _entered = t.rt.enter();
+    test(&t);
+}
+
+impl Mt {
+    fn spawn<W>(&self, run: Run<u32, u32, W>) -> Handle
+    where
+        W: Work<u32> + Send + 'static,
+        W::Error: Into<tower_singleflight::BoxError>,
+        Run<u32, u32, W>: Send + 'static,
+    {
+        spawn_run(&self.rt, run)
+    }
+
+    #[track_caller]
+    fn wait<T: Send + 'static>(&self, handle: tokio::task::JoinHandle<T>) -> T {
+        wait(&self.rt, handle)
+    }
+
+    /// Waits for a caller's task and returns the value it got.
+    #[track_caller]
+    fn value(&self, handle: Handle) -> u32 {
+        ok(&self.wait(handle).0)
+    }
+
+    /// Spawns a leader of key 1 and waits until it is held at `at`.
+    #[track_caller]
+    fn leader(&self, at: Held) -> Handle {
+        match at {
+            Held::InPoll => {
+                let leader = self.spawn(self.group.run(1, self.s.work()));
+                self.s.entered();
+                leader
+            }
+            Held::InMake => {
+                // The leader's work is made at `run`: on the leader's task.
+                let (group, work) = (self.group.clone(), self.s.blocking_make());
+                let leader = self.rt.spawn(async move {
+                    let mut run = Box::pin(group.run(1, work));
+                    let out = run.as_mut().await;
+                    (out, run.is_shared())
+                });
+                self.s.making();
+                leader
+            }
+        }
+    }
+
+    /// A new caller of key 1 that must join the flight in progress.
+    #[track_caller]
+    fn follower(&self) -> Run<u32, u32, WorkOf<Script, Scripted>> {
+        let started = self.s.started();
+        let follower = self.group.run(1, self.s.work());
+        assert_eq!(follower.role(), Role::Follower);
+        assert_eq!(self.s.started(), started, "a follower's work was started");
+        follower
+    }
+
+    /// A leader held at `at`, and a follower that joined it meanwhile, each
+    /// on a task of its own.
+    #[track_caller]
+    fn joined_while_held(&self, at: Held) -> (Handle, Handle) {
+        let leader = self.leader(at);
+        (leader, self.spawn(self.follower()))
+    }
+
+    /// Lets the leader held at `at` go on: its poll returns `cmd`, or its
+    /// make returns the call, whose next poll returns `cmd`.
+    #[track_caller]
+    fn let_go(&self, at: Held, cmd: Cmd) {
+        match at {
+            Held::InPoll => self.s.send(cmd),
+            Held::InMake => {
+                self.s.release_make(true);
+                self.s.step(cmd);
+            }
+        }
+    }
+
+    /// Lets the leader held at `at` go on with a pending call, then wakes
+    /// whoever the call returned `Pending` to; the next poll returns `value`.
+    #[track_caller]
+    fn let_go_pending_then(&self, at: Held, value: u32) {
+        self.let_go(at, Cmd::Pending);
+        self.s.wake();
+        self.s.step(Cmd::Ok(value));
+    }
+
+    /// Makes the leader held at `at` panic; returns the panic's message.
+    fn let_go_panicking(&self, at: Held) -> &'static str {
+        match at {
+            Held::InPoll => {
+                self.s.send(Cmd::Panic);
+                "poll boom"
+            }
+            Held::InMake => {
+                self.s.release_make(false);
+                "make boom"
+            }
+        }
+    }
+
+    /// Spawns a leader of a new flight for key 1, whose call (scripted on its
+    /// own) returns `value` at its first poll.
+    #[track_caller]
+    fn fresh_leader(&self, value: u32) -> Handle {
+        let s = Script::new();
+        let leader = self.group.run(1, s.work());
+        assert_eq!(leader.role(), Role::Leader);
+        let leader = self.spawn(leader);
+        s.step(Cmd::Ok(value));
+        eventually("the new call is dropped", || s.live() == 0);
+        assert_eq!(s.started(), 1);
+        leader
+    }
+
+    /// Waits for a leader and a follower, which must share `value`.
+    #[track_caller]
+    fn shared_value(&self, leader: Handle, follower: Handle, value: u32) {
+        let (l, l_shared) = self.wait(leader);
+        let (f, f_shared) = self.wait(follower);
+        assert_eq!((ok(&l), ok(&f)), (value, value));
+        assert!(l_shared, "a follower joined: the leader's flight is shared");
+        assert!(f_shared, "a follower's flight is shared");
+    }
+
+    /// Waits for a caller's task, which must have been cancelled.
+    #[track_caller]
+    fn cancelled(&self, handle: Handle) {
+        let out = self
+            .rt
+            .block_on(async { tokio::time::timeout(WAIT, handle).await });
+        let err = out.expect("a cancelled caller hung").unwrap_err();
+        assert!(err.is_cancelled(), "{err:?}");
+    }
+
+    /// The end of a scenario: `started` calls made, none left alive (now or
+    /// soon: a task may still hold one), the group idle.
+    #[track_caller]
+    fn ended(&self, started: usize) {
+        assert_eq!(self.s.started(), started, "calls made");
+        eventually("the call is dropped", || self.s.live() == 0);
+        assert_idle(&self.group);
+    }
+}
+
+/// Runs a caller on a thread of its own, with no runtime.
+fn on_thread<F>(caller: F) -> mpsc::Receiver<F::Output>
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    thread(move || futures::executor::block_on(caller))
+}
+
 // ===========================================================================
 // A. No runtime, one thread, polled by hand
 // ===========================================================================
 
 #[test]
 fn no_runtime_follower_before_first_poll_then_both_poll_and_share_the_outcome() {
-    let group: Group<u32, u32> = Group::new();
-    let calls = Calls::new();
-
-    let mut leader = Polled::new(group.run(1, calls.work()));
-    assert_eq!(leader.role(), Role::Leader);
-    assert_eq!(calls.started(), 1, "a leader's work is started at `run`");
-    let mut follower = Polled::new(group.run(1, calls.work()));
-    assert_eq!(follower.role(), Role::Follower);
-    assert_eq!(group.len(), 1);
-    let stats = group.stats();
+    let t = Callers::new();
+    let mut leader = t.leader();
+    assert_eq!(t.calls.started(), 1, "a leader's work is started at `run`");
+    let mut follower = t.follower();
+    assert_eq!(t.group.len(), 1);
+    let stats = t.group.stats();
     assert_eq!(
         (stats.flights, stats.waiters, stats.leaders, stats.followers),
         (1, 2, 1, 1)
@@ -633,307 +954,206 @@ fn no_runtime_follower_before_first_poll_then_both_poll_and_share_the_outcome() 
 
     assert!(!follower.poll());
     assert!(!leader.poll());
-    calls.resolve(0, Cmd::Ok(7));
-    run_woken(&mut [&mut leader, &mut follower]);
-
-    assert_eq!(ok(leader.out()), 7);
-    assert_eq!(ok(follower.out()), 7);
+    t.deliver(0, 7, &mut [&mut leader, &mut follower]);
     assert!(leader.is_shared() && follower.is_shared());
-    assert_eq!(calls.started(), 1);
-    assert_eq!(calls.live(), 0);
-    assert_idle(&group);
+    t.ended(1);
 }
 
 #[test]
 fn no_runtime_follower_before_first_poll_leader_never_polled_then_dropped() {
-    let group: Group<u32, u32> = Group::new();
-    let calls = Calls::new();
-
-    let leader = Polled::new(group.run(1, calls.work()));
-    let mut follower = Polled::new(group.run(1, calls.work()));
+    let t = Callers::new();
+    let leader = t.leader();
+    let mut follower = t.follower();
     drop(leader);
-    assert_eq!(group.len(), 1, "the follower still waits for the flight");
+    assert_eq!(t.group.len(), 1, "the follower still waits for the flight");
     assert!(!follower.poll());
-    calls.resolve(0, Cmd::Ok(3));
-    run_woken(&mut [&mut follower]);
-    assert_eq!(ok(follower.out()), 3);
-    assert_eq!(calls.started(), 1);
-    assert_eq!(calls.live(), 0);
-    assert_eq!(group.stats().abandoned, 0);
-    assert_idle(&group);
+    t.deliver(0, 3, &mut [&mut follower]);
+    assert_eq!(t.group.stats().abandoned, 0);
+    t.ended(1);
 }
 
 #[test]
 fn no_runtime_follower_after_leader_parked_then_leader_dropped_before_follower_polls() {
-    let group: Group<u32, u32> = Group::new();
-    let calls = Calls::new();
-
-    let mut leader = Polled::new(group.run(1, calls.work()));
-    assert!(!leader.poll());
-    let mut follower = Polled::new(group.run(1, calls.work()));
-    assert_eq!(follower.role(), Role::Follower);
+    let t = Callers::new();
+    let leader = t.leader().parked();
+    let mut follower = t.follower();
     drop(leader);
-    assert_eq!(calls.live(), 1, "the call survives its leader");
+    assert_eq!(t.calls.live(), 1, "the call survives its leader");
     assert!(!follower.poll());
-    calls.resolve(0, Cmd::Ok(5));
-    run_woken(&mut [&mut follower]);
-    assert_eq!(ok(follower.out()), 5);
-    assert_eq!(calls.started(), 1);
-    assert_eq!(calls.live(), 0);
-    assert_idle(&group);
+    t.deliver(0, 5, &mut [&mut follower]);
+    t.ended(1);
 }
 
 #[test]
 fn no_runtime_leader_that_polled_last_hands_the_call_to_the_follower_when_dropped() {
-    let group: Group<u32, u32> = Group::new();
-    let calls = Calls::new();
-
-    let mut leader = Polled::new(group.run(1, calls.work()));
-    assert!(!leader.poll());
-    let mut follower = Polled::new(group.run(1, calls.work()));
-    assert!(!follower.poll());
+    let t = Callers::new();
+    let (mut leader, mut follower) = t.parked_pair();
     // The leader polls the call after the follower: the call now wakes it.
     assert!(!leader.poll());
     drop(leader);
     run_woken(&mut [&mut follower]);
-    calls.resolve(0, Cmd::Ok(6));
-    run_woken(&mut [&mut follower]);
-    assert!(
-        follower.done(),
-        "the follower was never woken to take the call up"
-    );
-    assert_eq!(ok(follower.out()), 6);
-    assert_eq!(calls.started(), 1);
-    assert_idle(&group);
+    // The follower must be woken to take the call up.
+    t.deliver(0, 6, &mut [&mut follower]);
+    t.ended(1);
 }
 
 #[test]
 fn no_runtime_follower_after_leader_parked_then_leader_finishes() {
-    let group: Group<u32, u32> = Group::new();
-    let calls = Calls::new();
-
-    let mut leader = Polled::new(group.run(1, calls.work()));
-    assert!(!leader.poll());
-    let mut follower = Polled::new(group.run(1, calls.work()));
-    assert!(!follower.poll());
-    calls.resolve(0, Cmd::Err(42));
+    let t = Callers::new();
+    let (mut leader, mut follower) = t.parked_pair();
+    t.calls.resolve(0, Cmd::Err(42));
     run_woken(&mut [&mut leader, &mut follower]);
     assert_inner(leader.out(), 42);
     assert_inner(follower.out(), 42);
     assert!(leader.is_shared());
-    assert_eq!(calls.started(), 1);
-    assert_idle(&group);
+    t.ended(1);
 }
 
 #[test]
 fn no_runtime_a_lone_leader_is_not_shared() {
-    let group: Group<u32, u32> = Group::new();
-    let calls = Calls::new();
-    let mut leader = Polled::new(group.run(1, calls.work()));
-    assert!(!leader.poll());
-    calls.resolve(0, Cmd::Ok(1));
-    run_woken(&mut [&mut leader]);
-    assert_eq!(ok(leader.out()), 1);
+    let t = Callers::new();
+    let mut leader = t.leader().parked();
+    t.deliver(0, 1, &mut [&mut leader]);
     assert!(!leader.is_shared());
-    assert_idle(&group);
+    t.ended(1);
 }
 
 #[test]
 fn no_runtime_forget_a_lone_flight_then_a_new_caller_starts_a_fresh_one() {
-    let group: Group<u32, u32> = Group::new();
-    let calls = Calls::new();
-
-    let mut first = Polled::new(group.run(1, calls.work()));
-    assert!(!first.poll());
-    assert!(group.forget(&1));
-    assert!(!group.forget(&1), "a forgotten flight is not found again");
-    assert_eq!(group.len(), 0);
+    let t = Callers::new();
+    let mut first = t.leader().parked();
+    assert!(t.group.forget(&1));
+    assert!(!t.group.forget(&1), "a forgotten flight is not found again");
+    assert_eq!(t.group.len(), 0);
     assert_eq!(
-        group.stats().flights,
+        t.group.stats().flights,
         1,
         "the forgotten flight is still in progress"
     );
 
-    let mut second = Polled::new(group.run(1, calls.work()));
-    assert_eq!(second.role(), Role::Leader);
-    assert_eq!(calls.started(), 2);
-    let mut third = Polled::new(group.run(1, calls.work()));
-    assert_eq!(third.role(), Role::Follower, "joins the fresh flight");
+    let mut second = t.leader();
+    assert_eq!(t.calls.started(), 2);
+    let mut third = t.follower();
     assert!(!second.poll());
     assert!(!third.poll());
 
-    calls.resolve(1, Cmd::Ok(2));
-    calls.resolve(0, Cmd::Ok(1));
+    t.calls.resolve(1, Cmd::Ok(2));
+    t.calls.resolve(0, Cmd::Ok(1));
     run_woken(&mut [&mut first, &mut second, &mut third]);
-    assert_eq!(ok(first.out()), 1);
-    assert_eq!(ok(second.out()), 2);
-    assert_eq!(ok(third.out()), 2);
+    assert_values(&[&first], 1);
+    assert_values(&[&second, &third], 2);
     assert!(!first.is_shared());
-    assert_eq!(calls.started(), 2);
-    assert_eq!(calls.live(), 0);
-    assert_idle(&group);
+    t.ended(2);
 }
 
 #[test]
 fn no_runtime_forget_before_the_first_poll_then_leader_dropped() {
-    let group: Group<u32, u32> = Group::new();
-    let calls = Calls::new();
-
-    let first = Polled::new(group.run(1, calls.work()));
-    assert!(group.forget(&1));
-    let mut second = Polled::new(group.run(1, calls.work()));
-    assert_eq!(second.role(), Role::Leader);
+    let t = Callers::new();
+    let first = t.leader();
+    assert!(t.group.forget(&1));
+    let mut second = t.leader();
     drop(first);
     assert_eq!(
-        calls.live(),
+        t.calls.live(),
         1,
         "only the forgotten flight's call is dropped"
     );
-    assert_eq!(group.stats().abandoned, 1);
+    assert_eq!(t.group.stats().abandoned, 1);
     assert!(!second.poll());
-    calls.resolve(1, Cmd::Ok(2));
-    run_woken(&mut [&mut second]);
-    assert_eq!(ok(second.out()), 2);
-    assert_eq!(calls.live(), 0);
-    assert_idle(&group);
+    t.deliver(1, 2, &mut [&mut second]);
+    t.ended(2);
 }
 
 #[test]
 fn no_runtime_forget_a_shared_flight_its_leader_has_not_noticed() {
-    let group: Group<u32, u32> = Group::new();
-    let calls = Calls::new();
+    let t = Callers::new();
+    let mut leader = t.leader().parked();
+    let mut follower = t.follower();
+    assert!(t.group.forget(&1));
+    assert!(!t.group.forget(&1));
+    assert_eq!(t.group.len(), 0);
 
-    let mut leader = Polled::new(group.run(1, calls.work()));
-    assert!(!leader.poll());
-    let mut follower = Polled::new(group.run(1, calls.work()));
-    assert!(group.forget(&1));
-    assert!(!group.forget(&1));
-    assert_eq!(group.len(), 0);
-
-    let mut fresh = Polled::new(group.run(1, calls.work()));
-    assert_eq!(fresh.role(), Role::Leader);
-    let mut fresh_follower = Polled::new(group.run(1, calls.work()));
-    assert_eq!(fresh_follower.role(), Role::Follower);
+    let mut fresh = t.leader();
+    let mut fresh_follower = t.follower();
     for p in [&mut leader, &mut follower, &mut fresh, &mut fresh_follower] {
         assert!(!p.poll());
     }
-    calls.resolve(0, Cmd::Ok(1));
-    calls.resolve(1, Cmd::Ok(2));
+    t.calls.resolve(0, Cmd::Ok(1));
+    t.calls.resolve(1, Cmd::Ok(2));
     run_woken(&mut [&mut leader, &mut follower, &mut fresh, &mut fresh_follower]);
-    assert_eq!(ok(leader.out()), 1);
-    assert_eq!(ok(follower.out()), 1);
-    assert_eq!(ok(fresh.out()), 2);
-    assert_eq!(ok(fresh_follower.out()), 2);
-    assert_eq!(calls.started(), 2);
-    let stats = group.stats();
+    assert_values(&[&leader, &follower], 1);
+    assert_values(&[&fresh, &fresh_follower], 2);
+    let stats = t.group.stats();
     assert_eq!((stats.leaders, stats.followers), (2, 2));
-    assert_idle(&group);
+    t.ended(2);
 }
 
 #[test]
 fn no_runtime_a_forgotten_shared_flight_leaves_the_chain_when_its_leader_comes() {
-    let group: Group<u32, u32> = Group::new();
-    let calls = Calls::new();
+    let t = Callers::new();
 
     // Flight 0: shared, then forgotten before its leader noticed.
-    let mut l0 = Polled::new(group.run(1, calls.work()));
-    assert!(!l0.poll());
-    let mut f0 = Polled::new(group.run(1, calls.work()));
-    assert!(group.forget(&1));
+    let mut l0 = t.leader().parked();
+    let mut f0 = t.follower();
+    assert!(t.group.forget(&1));
     // Flight 1: lone, forgotten.
-    let mut l1 = Polled::new(group.run(1, calls.work()));
-    assert!(!l1.poll());
-    assert!(group.forget(&1));
+    let mut l1 = t.leader().parked();
+    assert!(t.group.forget(&1));
     // Flight 2: visible.
-    let mut l2 = Polled::new(group.run(1, calls.work()));
-    assert_eq!(l2.role(), Role::Leader);
-    assert!(!l2.poll());
-    assert_eq!(calls.started(), 3);
+    let mut l2 = t.leader().parked();
+    assert_eq!(t.calls.started(), 3);
 
-    // The oldest entry leaves first (its leader picks the flight up).
+    // The oldest entry leaves first (its leader picks the flight up); flight
+    // 2 must still be found.
     assert!(!l0.poll());
-    let mut f2 = Polled::new(group.run(1, calls.work()));
-    assert_eq!(f2.role(), Role::Follower, "flight 2 must still be found");
-    assert!(!f2.poll());
+    let mut f2 = t.follower().parked();
 
     // Then the middle one.
-    calls.resolve(1, Cmd::Ok(11));
-    run_woken(&mut [&mut l1]);
-    assert_eq!(ok(l1.out()), 11);
-    let mut f2b = Polled::new(group.run(1, calls.work()));
-    assert_eq!(f2b.role(), Role::Follower, "flight 2 must still be found");
-    assert!(!f2b.poll());
-    assert_eq!(group.len(), 1);
+    t.deliver(1, 11, &mut [&mut l1]);
+    let mut f2b = t.follower().parked();
+    assert_eq!(t.group.len(), 1);
 
-    calls.resolve(0, Cmd::Ok(10));
+    t.calls.resolve(0, Cmd::Ok(10));
     assert!(!f0.poll() || ok(f0.out()) == 10);
     run_woken(&mut [&mut l0, &mut f0]);
-    assert_eq!(ok(l0.out()), 10);
-    assert_eq!(ok(f0.out()), 10);
+    assert_values(&[&l0, &f0], 10);
 
-    calls.resolve(2, Cmd::Ok(12));
-    run_woken(&mut [&mut l2, &mut f2, &mut f2b]);
-    for p in [&l2, &f2, &f2b] {
-        assert_eq!(ok(p.out()), 12);
-    }
-    assert_eq!(calls.started(), 3);
-    assert_eq!(calls.live(), 0);
-    assert_idle(&group);
+    t.deliver(2, 12, &mut [&mut l2, &mut f2, &mut f2b]);
+    t.ended(3);
 
     // And the key works as new.
-    let mut again = Polled::new(group.run(1, calls.work()));
-    assert_eq!(again.role(), Role::Leader);
-    calls.resolve(3, Cmd::Ok(13));
+    let mut again = t.leader();
+    t.calls.resolve(3, Cmd::Ok(13));
     assert!(again.poll());
-    assert_eq!(ok(again.out()), 13);
-    assert_idle(&group);
+    assert_values(&[&again], 13);
+    t.ended(4);
 }
 
 #[test]
 fn no_runtime_chain_of_forgotten_lone_flights_finishing_out_of_order() {
-    let group: Group<u32, u32> = Group::new();
-    let calls = Calls::new();
+    let t = Callers::new();
+    let mut l0 = t.leader().parked();
+    assert!(t.group.forget(&1));
+    let mut l1 = t.leader().parked();
+    assert!(t.group.forget(&1));
+    let mut l2 = t.leader().parked();
+    let mut f2 = t.follower().parked();
 
-    let mut l0 = Polled::new(group.run(7, calls.work()));
-    assert!(!l0.poll());
-    assert!(group.forget(&7));
-    let mut l1 = Polled::new(group.run(7, calls.work()));
-    assert!(!l1.poll());
-    assert!(group.forget(&7));
-    let mut l2 = Polled::new(group.run(7, calls.work()));
-    assert!(!l2.poll());
-    let mut f2 = Polled::new(group.run(7, calls.work()));
-    assert_eq!(f2.role(), Role::Follower);
-    assert!(!f2.poll());
-
-    calls.resolve(1, Cmd::Ok(1));
-    run_woken(&mut [&mut l1]);
-    let mut f2b = Polled::new(group.run(7, calls.work()));
-    assert_eq!(f2b.role(), Role::Follower);
-    assert!(!f2b.poll());
-    calls.resolve(0, Cmd::Ok(0));
-    run_woken(&mut [&mut l0]);
-    let mut f2c = Polled::new(group.run(7, calls.work()));
-    assert_eq!(f2c.role(), Role::Follower);
-    assert!(!f2c.poll());
-    calls.resolve(2, Cmd::Ok(2));
-    run_woken(&mut [&mut l2, &mut f2, &mut f2b, &mut f2c]);
-    assert_eq!(ok(l0.out()), 0);
-    assert_eq!(ok(l1.out()), 1);
-    for p in [&l2, &f2, &f2b, &f2c] {
-        assert_eq!(ok(p.out()), 2);
-    }
-    assert_eq!(calls.started(), 3);
-    assert_idle(&group);
+    t.deliver(1, 1, &mut [&mut l1]);
+    let mut f2b = t.follower().parked();
+    t.deliver(0, 0, &mut [&mut l0]);
+    let mut f2c = t.follower().parked();
+    t.deliver(2, 2, &mut [&mut l2, &mut f2, &mut f2b, &mut f2c]);
+    t.ended(3);
 }
 
 #[test]
 fn no_runtime_panic_while_making_the_call_reaches_a_follower_that_joined_before_the_first_poll() {
-    let group: Group<u32, u32> = Group::new();
+    let t = Callers::new();
     let unexpected = Arc::new(AtomicUsize::new(0));
 
-    let mut leader = Polled::new(group.run(1, panicking_make()));
-    let mut follower = Polled::new(group.run(1, never(&unexpected)));
+    let mut leader = Polled::new(t.group.run(1, panicking_make()));
+    let mut follower = Polled::new(t.group.run(1, never(&unexpected)));
     assert_eq!(follower.role(), Role::Follower);
     assert!(follower.poll() || leader.poll());
     run_woken(&mut [&mut leader, &mut follower]);
@@ -942,92 +1162,83 @@ fn no_runtime_panic_while_making_the_call_reaches_a_follower_that_joined_before_
     assert_panic(leader.out(), "make boom");
     assert_panic(follower.out(), "make boom");
     assert_eq!(unexpected.load(SeqCst), 0);
-    assert_eq!(group.stats().panics, 1);
-    assert_idle(&group);
+    assert_eq!(t.group.stats().panics, 1);
+    assert_idle(&t.group);
 
-    let calls = Calls::new();
-    let mut next = Polled::new(group.run(1, calls.work()));
-    assert_eq!(next.role(), Role::Leader, "the key is free after a panic");
-    calls.resolve(0, Cmd::Ok(1));
+    // The key is free after a panic.
+    let mut next = t.leader();
+    t.calls.resolve(0, Cmd::Ok(1));
     assert!(next.poll());
-    assert_idle(&group);
+    t.ended(1);
 }
 
 #[test]
 fn no_runtime_panic_in_the_call_after_it_turned_shared() {
-    let group: Group<u32, u32> = Group::new();
-    let calls = Calls::new();
-
-    let mut leader = Polled::new(group.run(1, calls.work()));
-    assert!(!leader.poll());
-    let mut follower = Polled::new(group.run(1, calls.work()));
-    assert!(!follower.poll());
-    calls.resolve(0, Cmd::Panic);
+    let t = Callers::new();
+    let (mut leader, mut follower) = t.parked_pair();
+    t.calls.resolve(0, Cmd::Panic);
     run_woken(&mut [&mut leader, &mut follower]);
     assert_panic(leader.out(), "poll boom");
     assert_panic(follower.out(), "poll boom");
-    assert_eq!(group.stats().panics, 1);
-    assert_eq!(calls.live(), 0);
-    assert_idle(&group);
+    assert_eq!(t.group.stats().panics, 1);
+    t.ended(1);
 }
 
 #[test]
 fn no_runtime_run_to_completion_drops_an_abandoned_lone_call() {
-    let group: Group<u32, u32> = Group::new().run_to_completion(true);
-    let calls = Calls::new();
-    let mut leader = Polled::new(group.run(1, calls.work()));
-    assert!(!leader.poll());
-    drop(leader);
+    let t = Callers::running_to_completion();
+    drop(t.leader().parked());
     assert_eq!(
-        calls.live(),
+        t.calls.live(),
         0,
         "outside a runtime the call is dropped as usual"
     );
-    assert_eq!(group.stats().abandoned, 1);
-    assert_idle(&group);
+    assert_eq!(t.group.stats().abandoned, 1);
+    t.ended(1);
 }
 
 #[test]
 fn no_runtime_run_to_completion_drops_an_abandoned_shared_call() {
-    let group: Group<u32, u32> = Group::new().run_to_completion(true);
-    let calls = Calls::new();
-    let mut leader = Polled::new(group.run(1, calls.work()));
-    assert!(!leader.poll());
-    let mut follower = Polled::new(group.run(1, calls.work()));
-    assert!(!follower.poll());
+    let t = Callers::running_to_completion();
+    let (leader, follower) = t.parked_pair();
     drop(leader);
-    assert_eq!(calls.live(), 1);
+    assert_eq!(t.calls.live(), 1);
     drop(follower);
-    assert_eq!(calls.live(), 0);
-    assert_eq!(group.stats().abandoned, 1);
-    assert_idle(&group);
+    assert_eq!(t.calls.live(), 0);
+    assert_eq!(t.group.stats().abandoned, 1);
+    t.ended(1);
+}
+
+#[test]
+fn no_runtime_run_to_completion_forgotten_lone_leader_dropped() {
+    let t = Callers::running_to_completion();
+    let leader = t.leader().parked();
+    assert!(t.group.forget(&1));
+    let mut fresh = t.leader();
+    drop(leader);
+    assert_eq!(t.calls.live(), 1);
+    assert!(!fresh.poll());
+    t.deliver(1, 2, &mut [&mut fresh]);
+    t.ended(2);
 }
 
 #[test]
 fn no_runtime_abandoned_shared_flight_before_the_leader_noticed() {
-    let group: Group<u32, u32> = Group::new();
-    let calls = Calls::new();
-    let mut leader = Polled::new(group.run(1, calls.work()));
-    assert!(!leader.poll());
-    let mut follower = Polled::new(group.run(1, calls.work()));
-    assert!(!follower.poll());
+    let t = Callers::new();
+    let (mut leader, follower) = t.parked_pair();
     drop(follower);
-    assert_eq!(calls.live(), 1);
-    // The leader goes on alone.
-    calls.resolve(0, Cmd::Ok(9));
-    run_woken(&mut [&mut leader]);
-    assert!(leader.done(), "the leader was not woken by its own call");
-    assert_eq!(ok(leader.out()), 9);
-    assert_idle(&group);
+    assert_eq!(t.calls.live(), 1);
+    // The leader goes on alone, woken by its own call.
+    t.deliver(0, 9, &mut [&mut leader]);
+    t.ended(1);
 }
 
 /// A call that, once its gate opens, asks the group for its own key.
 fn reentrant(
-    group: &Group<u32, u32>,
-    calls: &Arc<Calls>,
+    t: &Callers,
     inner: &Arc<AtomicUsize>,
 ) -> impl FnOnce() -> Pin<Box<dyn Future<Output = Out> + Send>> + Send + 'static {
-    let (group, calls, inner) = (group.clone(), Arc::clone(calls), Arc::clone(inner));
+    let (group, calls, inner) = (t.group.clone(), Arc::clone(&t.calls), Arc::clone(inner));
     move || {
         let gate = calls.gated();
         Box::pin(async move {
@@ -1051,38 +1262,32 @@ fn reentrant(
 
 #[test]
 fn no_runtime_a_call_asking_for_its_own_key_does_not_wait_for_itself() {
-    let group: Group<u32, u32> = Group::new();
-    let calls = Calls::new();
+    let t = Callers::new();
     let inner = Arc::new(AtomicUsize::new(0));
+    let caller = || Polled::new(t.group.run(1, reentrant(&t, &inner)));
 
     // Lone.
-    let mut leader = Polled::new(group.run(1, reentrant(&group, &calls, &inner)));
-    assert!(!leader.poll());
-    calls.resolve(0, Cmd::Ok(2));
+    let mut leader = caller().parked();
+    t.calls.resolve(0, Cmd::Ok(2));
     run_woken(&mut [&mut leader]);
     assert!(leader.done(), "the call waits for itself");
-    assert_eq!(ok(leader.out()), 42);
+    assert_values(&[&leader], 42);
     assert_eq!(inner.load(SeqCst), 1);
-    assert_idle(&group);
+    t.ended(1);
 
     // Shared, the follower polling the call last.
-    let mut leader = Polled::new(group.run(1, reentrant(&group, &calls, &inner)));
-    assert!(!leader.poll());
-    let mut follower = Polled::new(group.run(1, reentrant(&group, &calls, &inner)));
-    assert!(!follower.poll());
-    calls.resolve(1, Cmd::Ok(2));
+    let mut leader = caller().parked();
+    let mut follower = caller().parked();
+    t.calls.resolve(1, Cmd::Ok(2));
     run_woken(&mut [&mut follower, &mut leader]);
     assert!(
         leader.done() && follower.done(),
         "the call waits for itself"
     );
-    assert_eq!(ok(leader.out()), 42);
-    assert_eq!(ok(follower.out()), 42);
+    assert_values(&[&leader, &follower], 42);
     assert_eq!(inner.load(SeqCst), 2);
-    assert_eq!(calls.started(), 2);
-    assert_idle(&group);
+    t.ended(2);
 }
-
 #[test]
 fn no_runtime_making_a_call_that_asks_for_its_own_key() {
     let group: Group<u32, u32> = Group::new();
@@ -1201,97 +1406,84 @@ fn no_runtime_a_call_whose_destructor_asks_for_its_own_key_does_not_deadlock() {
 
 #[tokio::test(flavor = "current_thread")]
 async fn current_thread_follower_before_first_poll_task_drives_and_the_leader_collects_later() {
-    let group: Group<u32, u32> = Group::new();
-    let calls = Calls::new();
-
-    let mut leader = Polled::new(group.run(1, calls.work()));
-    let mut follower = Polled::new(group.run(1, calls.work()));
+    let t = Callers::new();
+    let mut leader = t.leader();
+    let mut follower = t.follower();
     assert!(!follower.poll());
     settle().await;
     assert!(
-        calls.polls.load(SeqCst) > 0,
+        t.calls.polls.load(SeqCst) > 0,
         "no task drives the shared call"
     );
-    calls.resolve(0, Cmd::Ok(7));
+    t.calls.resolve(0, Cmd::Ok(7));
     settle().await;
     assert!(follower.woken());
     assert!(follower.poll());
-    assert_eq!(ok(follower.out()), 7);
+    assert_values(&[&follower], 7);
 
     // Published: the key is free, the leader still holds its share.
-    assert_eq!(group.len(), 0);
-    assert_eq!(gauges(group.stats()), (0, 1));
-    let mut late = Polled::new(group.run(1, calls.work()));
+    assert_eq!(t.group.len(), 0);
+    assert_eq!(gauges(t.group.stats()), (0, 1));
+    let mut late = t.caller();
     assert_eq!(
         late.role(),
         Role::Leader,
         "a finished flight is never joined"
     );
-    assert_eq!(calls.started(), 2);
+    assert_eq!(t.calls.started(), 2);
 
     assert!(leader.poll());
-    assert_eq!(ok(leader.out()), 7);
+    assert_values(&[&leader], 7);
     assert!(leader.is_shared());
 
-    calls.resolve(1, Cmd::Ok(8));
+    t.calls.resolve(1, Cmd::Ok(8));
     assert!(late.poll());
-    assert_eq!(ok(late.out()), 8);
-    idle(&group).await;
+    assert_values(&[&late], 8);
+    t.ended_on_runtime(2).await;
 }
 
 #[tokio::test(flavor = "current_thread")]
 async fn current_thread_published_flight_whose_leader_never_polled_is_dropped_cleanly() {
-    let group: Group<u32, u32> = Group::new();
-    let calls = Calls::new();
-
-    let leader = Polled::new(group.run(1, calls.work()));
-    let mut follower = Polled::new(group.run(1, calls.work()));
+    let t = Callers::new();
+    let leader = t.leader();
+    let mut follower = t.follower();
     assert!(!follower.poll());
     settle().await;
-    calls.resolve(0, Cmd::Ok(7));
+    t.calls.resolve(0, Cmd::Ok(7));
     settle().await;
     assert!(follower.poll());
-    assert_eq!(gauges(group.stats()), (0, 1));
+    assert_eq!(gauges(t.group.stats()), (0, 1));
     drop(leader);
-    assert_eq!(calls.live(), 0);
-    idle(&group).await;
+    assert_eq!(t.calls.live(), 0);
+    t.ended_on_runtime(1).await;
 }
 
 #[tokio::test(flavor = "current_thread")]
 async fn current_thread_follower_after_leader_parked_then_leader_dropped() {
-    let group: Group<u32, u32> = Group::new();
-    let calls = Calls::new();
-
-    let mut leader = Polled::new(group.run(1, calls.work()));
-    assert!(!leader.poll());
-    let mut follower = Polled::new(group.run(1, calls.work()));
-    assert!(!follower.poll());
+    let t = Callers::new();
+    let (leader, mut follower) = t.parked_pair();
     settle().await;
     drop(leader);
     settle().await;
-    assert_eq!(calls.live(), 1);
-    calls.resolve(0, Cmd::Ok(4));
+    assert_eq!(t.calls.live(), 1);
+    t.calls.resolve(0, Cmd::Ok(4));
     settle().await;
     assert!(follower.woken());
     assert!(follower.poll());
-    assert_eq!(ok(follower.out()), 4);
-    assert_eq!(calls.started(), 1);
-    assert_eq!(group.stats().abandoned, 0);
-    idle(&group).await;
+    assert_values(&[&follower], 4);
+    assert_eq!(t.group.stats().abandoned, 0);
+    t.ended_on_runtime(1).await;
 }
 
 #[tokio::test(flavor = "current_thread")]
 async fn current_thread_follower_after_leader_parked_then_leader_finishes_through_the_task() {
-    let group: Group<u32, u32> = Group::new();
-    let calls = Calls::new();
-
-    let mut leader = Polled::new(group.run(1, calls.work()));
-    assert!(!leader.poll());
-    let mut follower = Polled::new(group.run(1, calls.work()));
+    let t = Callers::new();
+    let mut leader = t.leader().parked();
+    let mut follower = t.follower();
     // The leader is not polled again before the outcome: its waker from
     // the lone poll must be the one woken.
     settle().await;
-    calls.resolve(0, Cmd::Ok(4));
+    t.calls.resolve(0, Cmd::Ok(4));
     settle().await;
     assert!(
         leader.woken(),
@@ -1299,240 +1491,197 @@ async fn current_thread_follower_after_leader_parked_then_leader_finishes_throug
     );
     assert!(leader.poll());
     assert!(follower.poll());
-    assert_eq!(ok(leader.out()), 4);
-    assert_eq!(ok(follower.out()), 4);
+    assert_values(&[&leader, &follower], 4);
     assert!(leader.is_shared());
-    idle(&group).await;
+    t.ended_on_runtime(1).await;
 }
 
 #[tokio::test(flavor = "current_thread")]
 async fn current_thread_everyone_leaves_a_shared_flight_and_the_call_is_dropped() {
-    let group: Group<u32, u32> = Group::new();
-    let calls = Calls::new();
-
-    let mut leader = Polled::new(group.run(1, calls.work()));
-    assert!(!leader.poll());
-    let mut follower = Polled::new(group.run(1, calls.work()));
-    assert!(!follower.poll());
+    let t = Callers::new();
+    let (leader, follower) = t.parked_pair();
     settle().await;
     drop(follower);
     drop(leader);
-    eventually_async("the call is dropped", || calls.live() == 0).await;
-    assert_eq!(group.stats().abandoned, 1);
-    idle(&group).await;
-    let next = group.run(1, calls.work());
-    assert_eq!(next.role(), Role::Leader);
+    t.ended_on_runtime(1).await;
+    assert_eq!(t.group.stats().abandoned, 1);
+    t.leader();
 }
 
 #[tokio::test(flavor = "current_thread")]
 async fn current_thread_everyone_leaves_before_the_leader_ever_polled() {
-    let group: Group<u32, u32> = Group::new();
-    let calls = Calls::new();
-    let leader = group.run(1, calls.work());
-    let follower = group.run(1, calls.work());
-    drop(follower);
+    let t = Callers::new();
+    let leader = t.leader();
+    drop(t.follower());
     settle().await;
     drop(leader);
-    eventually_async("the call is dropped", || calls.live() == 0).await;
-    assert_eq!(group.stats().abandoned, 1);
-    idle(&group).await;
+    t.ended_on_runtime(1).await;
+    assert_eq!(t.group.stats().abandoned, 1);
 }
 
 #[tokio::test(flavor = "current_thread")]
 async fn current_thread_forget_while_lone_then_the_leader_is_joined_by_no_one() {
-    let group: Group<u32, u32> = Group::new();
-    let calls = Calls::new();
-
-    let mut old = Polled::new(group.run(1, calls.work()));
-    assert!(!old.poll());
-    assert!(group.forget(&1));
-    let mut fresh = Polled::new(group.run(1, calls.work()));
-    assert_eq!(fresh.role(), Role::Leader);
-    let mut follower = Polled::new(group.run(1, calls.work()));
-    assert_eq!(follower.role(), Role::Follower);
+    let t = Callers::new();
+    let mut old = t.leader().parked();
+    assert!(t.group.forget(&1));
+    let mut fresh = t.leader();
+    let mut follower = t.follower();
     assert!(!fresh.poll());
     assert!(!follower.poll());
     settle().await;
-    calls.resolve(0, Cmd::Ok(1));
+    t.calls.resolve(0, Cmd::Ok(1));
     settle().await;
     assert!(old.poll());
-    assert_eq!(ok(old.out()), 1);
+    assert_values(&[&old], 1);
     assert!(!old.is_shared());
-    assert_eq!(group.len(), 1);
-    calls.resolve(1, Cmd::Ok(2));
+    assert_eq!(t.group.len(), 1);
+    t.calls.resolve(1, Cmd::Ok(2));
     settle().await;
     assert!(fresh.poll() && follower.poll());
-    assert_eq!(ok(fresh.out()), 2);
-    assert_eq!(ok(follower.out()), 2);
-    assert_eq!(calls.started(), 2);
-    idle(&group).await;
+    assert_values(&[&fresh, &follower], 2);
+    t.ended_on_runtime(2).await;
 }
 
 #[tokio::test(flavor = "current_thread")]
 async fn current_thread_run_to_completion_lone_leader_dropped_a_late_caller_joins() {
-    let group: Group<u32, u32> = Group::new().run_to_completion(true);
-    let calls = Calls::new();
-
-    let mut leader = Polled::new(group.run(1, calls.work()));
-    assert!(!leader.poll());
-    drop(leader);
+    let t = Callers::running_to_completion();
+    drop(t.leader().parked());
     settle().await;
-    assert_eq!(calls.live(), 1, "the call runs on");
-    assert_eq!(group.len(), 1);
-    assert_eq!(gauges(group.stats()), (1, 0));
-    let mut late = Polled::new(group.run(1, calls.work()));
-    assert_eq!(late.role(), Role::Follower);
-    assert!(!late.poll());
-    calls.resolve(0, Cmd::Ok(3));
+    assert_eq!(t.calls.live(), 1, "the call runs on");
+    assert_eq!(t.group.len(), 1);
+    assert_eq!(gauges(t.group.stats()), (1, 0));
+    let mut late = t.follower().parked();
+    t.calls.resolve(0, Cmd::Ok(3));
     settle().await;
     assert!(late.poll());
-    assert_eq!(ok(late.out()), 3);
-    assert_eq!(calls.started(), 1);
-    assert_eq!(calls.finished(), 1);
-    assert_eq!(group.stats().abandoned, 0);
-    idle(&group).await;
+    assert_values(&[&late], 3);
+    assert_eq!(t.calls.finished(), 1);
+    assert_eq!(t.group.stats().abandoned, 0);
+    t.ended_on_runtime(1).await;
 }
 
 #[tokio::test(flavor = "current_thread")]
 async fn current_thread_run_to_completion_leader_dropped_before_its_first_poll() {
-    let group: Group<u32, u32> = Group::new().run_to_completion(true);
-    let calls = Calls::new();
-    drop(group.run(1, calls.work()));
+    let t = Callers::running_to_completion();
+    drop(t.leader());
     settle().await;
-    assert_eq!(calls.live(), 1);
-    calls.resolve(0, Cmd::Ok(3));
-    eventually_async("the call finishes", || calls.finished() == 1).await;
-    eventually_async("the call is dropped", || calls.live() == 0).await;
-    idle(&group).await;
+    assert_eq!(t.calls.live(), 1);
+    t.calls.resolve(0, Cmd::Ok(3));
+    eventually_async("the call finishes", || t.calls.finished() == 1).await;
+    t.ended_on_runtime(1).await;
 }
 
 #[tokio::test(flavor = "current_thread")]
 async fn current_thread_run_to_completion_forgotten_lone_leader_dropped() {
-    let group: Group<u32, u32> = Group::new().run_to_completion(true);
-    let calls = Calls::new();
-
-    let mut leader = Polled::new(group.run(1, calls.work()));
-    assert!(!leader.poll());
-    assert!(group.forget(&1));
+    let t = Callers::running_to_completion();
+    let leader = t.leader().parked();
+    assert!(t.group.forget(&1));
     drop(leader);
     settle().await;
-    assert_eq!(calls.live(), 1, "a forgotten call still runs to completion");
-    assert_eq!(group.len(), 0);
-    let mut fresh = Polled::new(group.run(1, calls.work()));
-    assert_eq!(fresh.role(), Role::Leader);
-    assert!(!fresh.poll());
-    calls.resolve(0, Cmd::Ok(1));
-    calls.resolve(1, Cmd::Ok(2));
+    assert_eq!(
+        t.calls.live(),
+        1,
+        "a forgotten call still runs to completion"
+    );
+    assert_eq!(t.group.len(), 0);
+    let mut fresh = t.leader().parked();
+    t.calls.resolve(0, Cmd::Ok(1));
+    t.calls.resolve(1, Cmd::Ok(2));
     settle().await;
     assert!(fresh.poll());
-    assert_eq!(ok(fresh.out()), 2);
-    eventually_async("both calls finish", || calls.finished() == 2).await;
-    idle(&group).await;
+    assert_values(&[&fresh], 2);
+    eventually_async("both calls finish", || t.calls.finished() == 2).await;
+    t.ended_on_runtime(2).await;
 }
 
 #[tokio::test(flavor = "current_thread")]
 async fn current_thread_run_to_completion_shared_everyone_dropped() {
-    let group: Group<u32, u32> = Group::new().run_to_completion(true);
-    let calls = Calls::new();
-
-    let mut leader = Polled::new(group.run(1, calls.work()));
-    assert!(!leader.poll());
-    let mut follower = Polled::new(group.run(1, calls.work()));
-    assert!(!follower.poll());
+    let t = Callers::running_to_completion();
+    let (leader, follower) = t.parked_pair();
     settle().await;
     drop(leader);
     drop(follower);
     settle().await;
-    assert_eq!(calls.live(), 1);
-    assert_eq!(group.len(), 1);
-    calls.resolve(0, Cmd::Ok(1));
-    eventually_async("the call finishes", || calls.finished() == 1).await;
-    assert_eq!(group.stats().abandoned, 0);
-    idle(&group).await;
+    assert_eq!(t.calls.live(), 1);
+    assert_eq!(t.group.len(), 1);
+    t.calls.resolve(0, Cmd::Ok(1));
+    eventually_async("the call finishes", || t.calls.finished() == 1).await;
+    assert_eq!(t.group.stats().abandoned, 0);
+    t.ended_on_runtime(1).await;
 }
 
 #[tokio::test(flavor = "current_thread")]
 async fn current_thread_run_to_completion_forgotten_shared_everyone_dropped() {
-    let group: Group<u32, u32> = Group::new().run_to_completion(true);
-    let calls = Calls::new();
-
-    let mut leader = Polled::new(group.run(1, calls.work()));
-    assert!(!leader.poll());
-    let follower = Polled::new(group.run(1, calls.work()));
-    assert!(group.forget(&1));
+    let t = Callers::running_to_completion();
+    let leader = t.leader().parked();
+    let follower = t.follower();
+    assert!(t.group.forget(&1));
     drop(follower);
     drop(leader);
     settle().await;
-    assert_eq!(calls.live(), 1);
-    assert_eq!(group.len(), 0);
-    calls.resolve(0, Cmd::Ok(1));
-    eventually_async("the call finishes", || calls.finished() == 1).await;
-    idle(&group).await;
+    assert_eq!(t.calls.live(), 1);
+    assert_eq!(t.group.len(), 0);
+    t.calls.resolve(0, Cmd::Ok(1));
+    eventually_async("the call finishes", || t.calls.finished() == 1).await;
+    t.ended_on_runtime(1).await;
 }
 
 #[tokio::test(flavor = "current_thread")]
 async fn current_thread_a_task_driven_call_asking_for_its_own_key() {
-    let group: Group<u32, u32> = Group::new();
-    let calls = Calls::new();
+    let t = Callers::new();
     let inner = Arc::new(AtomicUsize::new(0));
-
-    let mut leader = Polled::new(group.run(1, reentrant(&group, &calls, &inner)));
-    assert!(!leader.poll());
-    let mut follower = Polled::new(group.run(1, reentrant(&group, &calls, &inner)));
-    assert!(!follower.poll());
+    let mut leader = Polled::new(t.group.run(1, reentrant(&t, &inner))).parked();
+    let mut follower = Polled::new(t.group.run(1, reentrant(&t, &inner))).parked();
     settle().await;
-    calls.resolve(0, Cmd::Ok(2));
+    t.calls.resolve(0, Cmd::Ok(2));
     settle().await;
     assert!(
         leader.poll() && follower.poll(),
         "the call waits for itself"
     );
-    assert_eq!(ok(leader.out()), 42);
-    assert_eq!(ok(follower.out()), 42);
+    assert_values(&[&leader, &follower], 42);
     assert_eq!(inner.load(SeqCst), 1);
-    idle(&group).await;
+    t.ended_on_runtime(1).await;
 }
 
 #[tokio::test(flavor = "current_thread")]
 async fn current_thread_follower_past_its_wait_limit_calls_its_own_while_the_leader_is_lone_parked()
 {
-    let group: Group<u32, u32> = Group::new();
-    let limited = group
+    let t = Callers::new();
+    let limited = t
+        .group
         .clone()
         .follower_wait_limit(Duration::from_millis(20), OnWaitLimit::CallOwn);
-    let calls = Calls::new();
 
-    let mut leader = Polled::new(group.run(1, calls.work()));
-    assert!(!leader.poll());
-    let follower = limited.run(1, calls.work());
+    let mut leader = t.leader().parked();
+    let follower = limited.run(1, t.calls.work());
     assert_eq!(follower.role(), Role::Follower);
     let follower = tokio::spawn(async move {
         let mut follower = Box::pin(follower);
         let out = follower.as_mut().await;
         (out, follower.role())
     });
-    eventually_async("the follower makes its own call", || calls.started() == 2).await;
-    calls.resolve(1, Cmd::Ok(9));
+    eventually_async("the follower makes its own call", || t.calls.started() == 2).await;
+    t.calls.resolve(1, Cmd::Ok(9));
     let (out, role) = tokio::time::timeout(WAIT, follower).await.unwrap().unwrap();
     assert_eq!(ok(&out), 9);
     assert_eq!(role, Role::Fallback);
-    calls.resolve(0, Cmd::Ok(7));
+    t.calls.resolve(0, Cmd::Ok(7));
     settle().await;
     assert!(leader.poll());
-    assert_eq!(ok(leader.out()), 7);
-    idle(&group).await;
+    assert_values(&[&leader], 7);
+    t.ended_on_runtime(2).await;
 }
 
 #[tokio::test(flavor = "current_thread")]
 async fn current_thread_the_layer_shares_a_call_whose_leader_left_before_polling() {
-    let group: Group<u32, u32> = Group::new();
-    let calls = Calls::new();
+    let t = Callers::new();
     let inner = {
-        let calls = Arc::clone(&calls);
+        let calls = Arc::clone(&t.calls);
         service_fn(move |_: u32| calls.gated())
     };
     let mut svc = ServiceBuilder::new()
-        .layer(SingleflightLayer::new(|r: &u32| *r).with_group(group.clone()))
+        .layer(SingleflightLayer::new(|r: &u32| *r).with_group(t.group.clone()))
         .service(inner);
 
     let leader = svc.ready().await.unwrap().call(1);
@@ -1542,16 +1691,15 @@ async fn current_thread_the_layer_shares_a_call_whose_leader_left_before_polling
     assert!(!follower.poll());
     drop(leader);
     settle().await;
-    assert_eq!(calls.started(), 1);
-    calls.resolve(0, Cmd::Ok(5));
+    assert_eq!(t.calls.started(), 1);
+    t.calls.resolve(0, Cmd::Ok(5));
     settle().await;
     assert!(follower.poll());
     match follower.out() {
         Ok(v) => assert_eq!(*v, 5),
         Err(e) => panic!("{e:?}"),
     }
-    assert_eq!(calls.started(), 1);
-    idle(&group).await;
+    t.ended_on_runtime(1).await;
 }
 
 // ===========================================================================
@@ -1560,484 +1708,407 @@ async fn current_thread_the_layer_shares_a_call_whose_leader_left_before_polling
 
 #[test]
 fn multi_thread_follower_joins_while_the_leader_is_inside_its_poll_then_the_call_pends() {
-    let rt = mt_runtime();
-    let _rt = rt.enter();
-    let group: Group<u32, u32> = Group::new();
-    let s = Script::new();
-
-    let leader = group.run(1, s.work());
-    let leader = spawn_run(&rt, leader);
-    s.entered();
-    let follower = group.run(1, s.work());
-    assert_eq!(follower.role(), Role::Follower);
-    assert_eq!(s.started(), 1);
-    let follower = spawn_run(&rt, follower);
-    s.send(Cmd::Pending);
-    // Someone (a task) polls it on; it finishes there.
-    s.step(Cmd::Ok(7));
-    let (l, l_shared) = wait(&rt, leader);
-    let (f, f_shared) = wait(&rt, follower);
-    assert_eq!((ok(&l), ok(&f)), (7, 7));
-    assert!(l_shared && f_shared);
-    assert_eq!(s.started(), 1);
-    eventually("the call is dropped", || s.live() == 0);
-    assert_idle(&group);
-}
-
-#[test]
-fn multi_thread_follower_joins_while_the_leader_is_inside_its_poll_then_the_call_finishes() {
-    let rt = mt_runtime();
-    let _rt = rt.enter();
-    let group: Group<u32, u32> = Group::new();
-    let s = Script::new();
-
-    let leader = spawn_run(&rt, group.run(1, s.work()));
-    s.entered();
-    let follower = spawn_run(&rt, group.run(1, s.work()));
-    s.send(Cmd::Ok(7));
-    let (l, l_shared) = wait(&rt, leader);
-    let (f, f_shared) = wait(&rt, follower);
-    assert_eq!((ok(&l), ok(&f)), (7, 7));
-    assert!(l_shared, "a follower joined while the leader polled");
-    assert!(f_shared);
-    assert_eq!(s.started(), 1);
-    assert_idle(&group);
-}
-
-#[test]
-fn multi_thread_follower_joins_while_the_leader_is_inside_its_poll_then_the_call_panics() {
-    let rt = mt_runtime();
-    let _rt = rt.enter();
-    let group: Group<u32, u32> = Group::new();
-    let s = Script::new();
-
-    let leader = spawn_run(&rt, group.run(1, s.work()));
-    s.entered();
-    let follower = spawn_run(&rt, group.run(1, s.work()));
-    s.send(Cmd::Panic);
-    let (l, _) = wait(&rt, leader);
-    let (f, _) = wait(&rt, follower);
-    assert_panic(&l, "poll boom");
-    assert_panic(&f, "poll boom");
-    assert_eq!(group.stats().panics, 1);
-    assert_idle(&group);
-
-    let s2 = Script::new();
-    let next = group.run(1, s2.work());
-    assert_eq!(next.role(), Role::Leader);
-    let next = spawn_run(&rt, next);
-    s2.step(Cmd::Ok(1));
-    assert_eq!(ok(&wait(&rt, next).0), 1);
-    assert_eq!(s.started() + s2.started(), 2);
-    assert_idle(&group);
-}
-
-#[test]
-fn multi_thread_follower_joins_and_leaves_while_the_leader_is_inside_its_poll() {
-    let rt = mt_runtime();
-    let _rt = rt.enter();
-    let group: Group<u32, u32> = Group::new();
-    let s = Script::new();
-
-    let leader = spawn_run(&rt, group.run(1, s.work()));
-    s.entered();
-    let follower = group.run(1, s.work());
-    assert_eq!(follower.role(), Role::Follower);
-    drop(follower);
-    s.send(Cmd::Pending);
-    // The leader is the only waiter: the call wakes it, it polls again.
-    s.wake();
-    s.step(Cmd::Ok(8));
-    let (l, _) = wait(&rt, leader);
-    assert_eq!(ok(&l), 8);
-    assert_eq!(s.started(), 1);
-    assert_idle(&group);
-}
-
-#[test]
-fn multi_thread_leader_aborted_after_the_flight_turned_shared_inside_its_poll() {
-    let rt = mt_runtime();
-    let _rt = rt.enter();
-    let group: Group<u32, u32> = Group::new();
-    let s = Script::new();
-
-    let leader = spawn_run(&rt, group.run(1, s.work()));
-    s.entered();
-    let follower = spawn_run(&rt, group.run(1, s.work()));
-    s.send(Cmd::Pending);
-    // A task takes the call up at once.
-    s.step(Cmd::Pending);
-    leader.abort();
-    let aborted = rt.block_on(async { tokio::time::timeout(WAIT, leader).await.unwrap() });
-    assert!(aborted.unwrap_err().is_cancelled());
-    assert_eq!(s.live(), 1, "the call survives its leader");
-    s.wake();
-    s.step(Cmd::Ok(3));
-    let (f, _) = wait(&rt, follower);
-    assert_eq!(ok(&f), 3);
-    assert_eq!(s.started(), 1);
-    eventually("the call is dropped", || s.live() == 0);
-    assert_idle(&group);
-}
-
-#[test]
-fn multi_thread_leader_aborted_while_inside_its_poll_after_a_follower_joined() {
-    let rt = mt_runtime();
-    let _rt = rt.enter();
-    let group: Group<u32, u32> = Group::new();
-    let s = Script::new();
-
-    let leader = spawn_run(&rt, group.run(1, s.work()));
-    s.entered();
-    let follower = spawn_run(&rt, group.run(1, s.work()));
-    // Cancelled while it polls: it leaves as soon as the poll returns.
-    leader.abort();
-    s.send(Cmd::Pending);
-    let aborted = rt.block_on(async { tokio::time::timeout(WAIT, leader).await.unwrap() });
-    assert!(aborted.unwrap_err().is_cancelled());
-    // Whoever drives it now polls it.
-    s.step(Cmd::Ok(3));
-    let (f, _) = wait(&rt, follower);
-    assert_eq!(ok(&f), 3);
-    assert_eq!(s.started(), 1);
-    eventually("the call is dropped", || s.live() == 0);
-    assert_idle(&group);
-}
-
-#[test]
-fn multi_thread_forget_a_lone_flight_while_its_leader_is_inside_its_poll() {
-    let rt = mt_runtime();
-    let _rt = rt.enter();
-    let group: Group<u32, u32> = Group::new();
-    let (s1, s2) = (Script::new(), Script::new());
-
-    let old = spawn_run(&rt, group.run(1, s1.work()));
-    s1.entered();
-    assert!(group.forget(&1));
-    assert_eq!(group.len(), 0);
-    let fresh = group.run(1, s2.work());
-    assert_eq!(fresh.role(), Role::Leader);
-    let fresh = spawn_run(&rt, fresh);
-    s2.step(Cmd::Ok(2));
-    assert_eq!(ok(&wait(&rt, fresh).0), 2);
-    s1.send(Cmd::Pending);
-    s1.wake();
-    s1.step(Cmd::Ok(1));
-    let (o, shared) = wait(&rt, old);
-    assert_eq!(ok(&o), 1);
-    assert!(!shared);
-    assert_eq!((s1.started(), s2.started()), (1, 1));
-    assert_idle(&group);
-}
-
-#[test]
-fn multi_thread_forget_after_a_follower_joined_while_the_leader_is_inside_its_poll() {
-    let rt = mt_runtime();
-    let _rt = rt.enter();
-    let group: Group<u32, u32> = Group::new();
-    let (s1, s2) = (Script::new(), Script::new());
-
-    let leader = spawn_run(&rt, group.run(1, s1.work()));
-    s1.entered();
-    let follower = spawn_run(&rt, group.run(1, s1.work()));
-    assert!(group.forget(&1));
-    assert!(!group.forget(&1));
-    assert_eq!(group.len(), 0);
-    let fresh = group.run(1, s2.work());
-    assert_eq!(fresh.role(), Role::Leader);
-    let fresh = spawn_run(&rt, fresh);
-    s2.step(Cmd::Ok(2));
-    s1.send(Cmd::Pending);
-    s1.step(Cmd::Ok(1));
-    assert_eq!(ok(&wait(&rt, leader).0), 1);
-    assert_eq!(ok(&wait(&rt, follower).0), 1);
-    assert_eq!(ok(&wait(&rt, fresh).0), 2);
-    assert_eq!((s1.started(), s2.started()), (1, 1));
-    assert_idle(&group);
-}
-
-#[test]
-fn multi_thread_follower_joins_while_the_leader_makes_its_call() {
-    let rt = mt_runtime();
-    let _rt = rt.enter();
-    let group: Group<u32, u32> = Group::new();
-    let s = Script::new();
-
-    let g = group.clone();
-    let work = s.blocking_make();
-    let leader = rt.spawn(async move {
-        let mut run = Box::pin(g.run(1, work));
-        let out = run.as_mut().await;
-        (out, run.is_shared())
+    multi_thread(Group::new(), |t| {
+        let (leader, follower) = t.joined_while_held(Held::InPoll);
+        t.s.send(Cmd::Pending);
+        // Someone (a task) polls it on; it finishes there.
+        t.s.step(Cmd::Ok(7));
+        t.shared_value(leader, follower, 7);
+        t.ended(1);
     });
-    s.making();
-    let follower = group.run(1, s.work());
-    assert_eq!(follower.role(), Role::Follower);
-    let follower = spawn_run(&rt, follower);
-    s.release_make(true);
-    s.step(Cmd::Ok(5));
-    let (l, l_shared) = wait(&rt, leader);
-    let (f, _) = wait(&rt, follower);
-    assert_eq!((ok(&l), ok(&f)), (5, 5));
-    assert!(l_shared);
-    assert_eq!(s.started(), 1);
-    eventually("the call is dropped", || s.live() == 0);
-    assert_idle(&group);
 }
 
 #[test]
 fn multi_thread_follower_joins_while_the_leader_makes_its_call_then_the_call_pends() {
-    let rt = mt_runtime();
-    let _rt = rt.enter();
-    let group: Group<u32, u32> = Group::new();
-    let s = Script::new();
-
-    let g = group.clone();
-    let work = s.blocking_make();
-    let leader = rt.spawn(async move { g.run(1, work).await });
-    s.making();
-    let follower = spawn_run(&rt, group.run(1, s.work()));
-    s.release_make(true);
-    s.step(Cmd::Pending);
-    s.wake();
-    s.step(Cmd::Ok(5));
-    let l = rt.block_on(async { tokio::time::timeout(WAIT, leader).await.unwrap().unwrap() });
-    let (f, _) = wait(&rt, follower);
-    assert_eq!((ok(&l), ok(&f)), (5, 5));
-    assert_eq!(s.started(), 1);
-    assert_idle(&group);
+    multi_thread(Group::new(), |t| {
+        let (leader, follower) = t.joined_while_held(Held::InMake);
+        t.let_go_pending_then(Held::InMake, 5);
+        t.shared_value(leader, follower, 5);
+        t.ended(1);
+    });
 }
 
 #[test]
-fn multi_thread_follower_joins_and_leaves_while_the_leader_makes_its_call() {
-    let rt = mt_runtime();
-    let _rt = rt.enter();
-    let group: Group<u32, u32> = Group::new();
-    let s = Script::new();
-
-    let g = group.clone();
-    let work = s.blocking_make();
-    let leader = rt.spawn(async move { g.run(1, work).await });
-    s.making();
-    drop(group.run(1, s.work()));
-    s.release_make(true);
-    s.step(Cmd::Pending);
-    s.wake();
-    s.step(Cmd::Ok(5));
-    let l = rt.block_on(async { tokio::time::timeout(WAIT, leader).await.unwrap().unwrap() });
-    assert_eq!(ok(&l), 5);
-    assert_eq!(s.started(), 1);
-    assert_idle(&group);
+fn multi_thread_follower_joins_while_the_leader_is_held_then_the_call_finishes() {
+    for_each_case(&[Held::InPoll, Held::InMake], |at| {
+        multi_thread(Group::new(), |t| {
+            let (leader, follower) = t.joined_while_held(at);
+            t.let_go(at, Cmd::Ok(7));
+            t.shared_value(leader, follower, 7);
+            t.ended(1);
+        });
+    });
 }
 
 #[test]
-fn multi_thread_make_panics_after_a_follower_joined() {
-    let rt = mt_runtime();
-    let _rt = rt.enter();
-    let group: Group<u32, u32> = Group::new();
-    let s = Script::new();
+fn multi_thread_follower_joins_while_the_leader_is_held_then_it_panics() {
+    for_each_case(&[Held::InPoll, Held::InMake], |at| {
+        multi_thread(Group::new(), |t| {
+            let (leader, follower) = t.joined_while_held(at);
+            let message = t.let_go_panicking(at);
+            assert_panic(&t.wait(leader).0, message);
+            assert_panic(&t.wait(follower).0, message);
+            assert_eq!(t.group.stats().panics, 1);
+            t.ended(usize::from(at == Held::InPoll));
 
-    let g = group.clone();
-    let work = s.blocking_make();
-    let leader = rt.spawn(async move { g.run(1, work).await });
-    s.making();
-    let follower = spawn_run(&rt, group.run(1, s.work()));
-    s.release_make(false);
-    let l = rt.block_on(async { tokio::time::timeout(WAIT, leader).await.unwrap().unwrap() });
-    let (f, _) = wait(&rt, follower);
-    assert_panic(&l, "make boom");
-    assert_panic(&f, "make boom");
-    assert_eq!(s.started(), 0);
-    assert_eq!(group.stats().panics, 1);
-    assert_idle(&group);
+            // The key is free after a panic.
+            let next = t.fresh_leader(1);
+            assert_eq!(t.value(next), 1);
+            assert_idle(&t.group);
+        });
+    });
 }
 
 #[test]
-fn multi_thread_forget_while_the_leader_makes_its_call() {
-    let rt = mt_runtime();
-    let _rt = rt.enter();
-    let group: Group<u32, u32> = Group::new();
-    let (s1, s2) = (Script::new(), Script::new());
+fn multi_thread_follower_joins_and_leaves_while_the_leader_is_held() {
+    for_each_case(&[Held::InPoll, Held::InMake], |at| {
+        multi_thread(Group::new(), |t| {
+            let leader = t.leader(at);
+            drop(t.follower());
+            // The leader is the only waiter: the call wakes it, it polls again.
+            t.let_go_pending_then(at, 8);
+            assert_eq!(t.value(leader), 8);
+            t.ended(1);
+        });
+    });
+}
 
-    let g = group.clone();
-    let work = s1.blocking_make();
-    let old = rt.spawn(async move { g.run(1, work).await });
-    s1.making();
-    assert!(group.forget(&1));
-    let fresh = group.run(1, s2.work());
-    assert_eq!(fresh.role(), Role::Leader);
-    let fresh = spawn_run(&rt, fresh);
-    s2.step(Cmd::Ok(2));
-    s1.release_make(true);
-    s1.step(Cmd::Ok(1));
-    let o = rt.block_on(async { tokio::time::timeout(WAIT, old).await.unwrap().unwrap() });
-    assert_eq!(ok(&o), 1);
-    assert_eq!(ok(&wait(&rt, fresh).0), 2);
-    assert_eq!((s1.started(), s2.started()), (1, 1));
-    assert_idle(&group);
+#[test]
+fn multi_thread_forget_a_lone_flight_while_its_leader_is_held() {
+    // Whether the forgotten call pends once before it finishes.
+    let cases = [
+        (Held::InPoll, true),
+        (Held::InPoll, false),
+        (Held::InMake, true),
+        (Held::InMake, false),
+    ];
+    for_each_case(&cases, |(at, pends)| {
+        multi_thread(Group::new(), |t| {
+            let old = t.leader(at);
+            assert!(t.group.forget(&1));
+            assert_eq!(t.group.len(), 0);
+            let fresh = t.fresh_leader(2);
+            assert_eq!(t.value(fresh), 2);
+            if pends {
+                t.let_go_pending_then(at, 1);
+            } else {
+                t.let_go(at, Cmd::Ok(1));
+            }
+            let (o, shared) = t.wait(old);
+            assert_eq!(ok(&o), 1);
+            assert!(!shared);
+            t.ended(1);
+        });
+    });
+}
+
+#[test]
+fn multi_thread_forget_after_a_follower_joined_while_the_leader_is_inside_its_poll() {
+    multi_thread(Group::new(), |t| {
+        let (leader, follower) = t.joined_while_held(Held::InPoll);
+        assert!(t.group.forget(&1));
+        assert!(!t.group.forget(&1));
+        assert_eq!(t.group.len(), 0);
+        let fresh = t.fresh_leader(2);
+        t.s.send(Cmd::Pending);
+        t.s.step(Cmd::Ok(1));
+        t.shared_value(leader, follower, 1);
+        assert_eq!(t.value(fresh), 2);
+        t.ended(1);
+    });
+}
+
+#[test]
+fn multi_thread_leader_aborted_after_the_flight_turned_shared_inside_its_poll() {
+    multi_thread(Group::new(), |t| {
+        let (leader, follower) = t.joined_while_held(Held::InPoll);
+        t.s.send(Cmd::Pending);
+        // A task takes the call up at once.
+        t.s.step(Cmd::Pending);
+        leader.abort();
+        t.cancelled(leader);
+        assert_eq!(t.s.live(), 1, "the call survives its leader");
+        t.s.wake();
+        t.s.step(Cmd::Ok(3));
+        assert_eq!(t.value(follower), 3);
+        t.ended(1);
+    });
+}
+
+#[test]
+fn multi_thread_leader_aborted_while_inside_its_poll_after_a_follower_joined() {
+    multi_thread(Group::new(), |t| {
+        let (leader, follower) = t.joined_while_held(Held::InPoll);
+        // Cancelled while it polls: it leaves as soon as the poll returns.
+        leader.abort();
+        t.s.send(Cmd::Pending);
+        t.cancelled(leader);
+        // Whoever drives it now polls it.
+        t.s.step(Cmd::Ok(3));
+        assert_eq!(t.value(follower), 3);
+        t.ended(1);
+    });
+}
+
+#[test]
+fn multi_thread_many_followers_join_while_the_leader_is_inside_its_poll() {
+    multi_thread(Group::new(), |t| {
+        let leader = t.leader(Held::InPoll);
+        let mut followers = Vec::new();
+        for i in 0..8 {
+            let run = t.follower();
+            if i % 3 == 2 {
+                drop(run);
+            } else {
+                followers.push(t.spawn(run));
+            }
+        }
+        t.s.send(Cmd::Pending);
+        t.s.step(Cmd::Pending);
+        leader.abort();
+        t.s.wake();
+        t.s.step(Cmd::Ok(9));
+        for f in followers {
+            assert_eq!(t.value(f), 9);
+        }
+        let stats = t.group.stats();
+        assert_eq!((stats.leaders, stats.followers), (1, 8));
+        t.ended(1);
+    });
 }
 
 #[test]
 fn multi_thread_run_to_completion_leader_cancelled_while_lone_inside_its_poll() {
-    let rt = mt_runtime();
-    let _rt = rt.enter();
-    let group: Group<u32, u32> = Group::new().run_to_completion(true);
-    let s = Script::new();
-
-    let leader = spawn_run(&rt, group.run(1, s.work()));
-    s.entered();
-    leader.abort();
-    s.send(Cmd::Pending);
-    let aborted = rt.block_on(async { tokio::time::timeout(WAIT, leader).await.unwrap() });
-    assert!(aborted.unwrap_err().is_cancelled());
-    // A task polls it on.
-    s.step(Cmd::Ok(1));
-    eventually("the call finishes", || s.finished.load(SeqCst) == 1);
-    eventually("the call is dropped", || s.live() == 0);
-    assert_eq!(s.started(), 1);
-    assert_idle(&group);
+    multi_thread(Group::new().run_to_completion(true), |t| {
+        let leader = t.leader(Held::InPoll);
+        leader.abort();
+        t.s.send(Cmd::Pending);
+        t.cancelled(leader);
+        // A task polls it on.
+        t.s.step(Cmd::Ok(1));
+        eventually("the call finishes", || t.s.finished() == 1);
+        t.ended(1);
+    });
 }
 
 #[test]
 fn multi_thread_run_to_completion_everyone_cancelled_after_the_flight_turned_shared() {
-    let rt = mt_runtime();
-    let _rt = rt.enter();
-    let group: Group<u32, u32> = Group::new().run_to_completion(true);
-    let s = Script::new();
-
-    let leader = spawn_run(&rt, group.run(1, s.work()));
-    s.entered();
-    let follower = spawn_run(&rt, group.run(1, s.work()));
-    s.send(Cmd::Pending);
-    s.step(Cmd::Pending);
-    leader.abort();
-    follower.abort();
-    rt.block_on(async {
-        let _ = tokio::time::timeout(WAIT, leader).await.unwrap();
-        let _ = tokio::time::timeout(WAIT, follower).await.unwrap();
+    multi_thread(Group::new().run_to_completion(true), |t| {
+        let (leader, follower) = t.joined_while_held(Held::InPoll);
+        t.s.send(Cmd::Pending);
+        t.s.step(Cmd::Pending);
+        leader.abort();
+        follower.abort();
+        t.cancelled(leader);
+        t.cancelled(follower);
+        assert_eq!(t.s.live(), 1);
+        // The running call can still be joined.
+        let late = t.spawn(t.follower());
+        t.s.wake();
+        t.s.step(Cmd::Ok(4));
+        assert_eq!(t.value(late), 4);
+        t.ended(1);
     });
-    assert_eq!(s.live(), 1);
-    let late = group.run(1, s.work());
-    assert_eq!(
-        late.role(),
-        Role::Follower,
-        "the running call can still be joined"
-    );
-    let late = spawn_run(&rt, late);
-    s.wake();
-    s.step(Cmd::Ok(4));
-    assert_eq!(ok(&wait(&rt, late).0), 4);
-    assert_eq!(s.started(), 1);
-    eventually("the call is dropped", || s.live() == 0);
-    assert_idle(&group);
 }
 
 #[test]
 fn multi_thread_leader_never_polled_while_the_task_finishes_the_call() {
-    let rt = mt_runtime();
-    let _rt = rt.enter();
-    let group: Group<u32, u32> = Group::new();
-    let s = Script::new();
+    multi_thread(Group::new(), |t| {
+        let mut leader = Polled::new(t.group.run(1, t.s.work()));
+        assert_eq!(leader.role(), Role::Leader);
+        let follower = t.spawn(t.follower());
+        t.s.step(Cmd::Ok(6));
+        assert_eq!(t.value(follower), 6);
+        assert_eq!(t.group.len(), 0);
+        assert_eq!(gauges(t.group.stats()), (0, 1));
+        assert!(leader.poll());
+        assert_eq!(ok(leader.out()), 6);
+        assert!(leader.is_shared());
+        t.ended(1);
+    });
+}
 
-    let mut leader = Polled::new(group.run(1, s.work()));
-    let follower = spawn_run(&rt, group.run(1, s.work()));
-    s.step(Cmd::Ok(6));
-    assert_eq!(ok(&wait(&rt, follower).0), 6);
-    assert_eq!(group.len(), 0);
-    assert_eq!(gauges(group.stats()), (0, 1));
-    assert!(leader.poll());
-    assert_eq!(ok(leader.out()), 6);
-    assert!(leader.is_shared());
-    assert_idle(&group);
+/// Work that counts its calls in `inner` and returns 40.
+fn forty(inner: &Arc<AtomicUsize>) -> impl FnOnce() -> std::future::Ready<Out> + Send + 'static {
+    let inner = Arc::clone(inner);
+    move || {
+        inner.fetch_add(1, SeqCst);
+        std::future::ready(Ok(40))
+    }
+}
+
+/// Spawns a leader whose scripted call, once it returns, runs `then` with
+/// the group and the value and finishes with what `then` returns; waits
+/// until the call is polled, then makes a follower join whose work must
+/// never start (its count is returned).
+fn leader_calling_then_a_follower<F, Fut>(t: &Mt, then: F) -> (Handle, Handle, Arc<AtomicUsize>)
+where
+    F: FnOnce(Group<u32, u32>, u32) -> Fut + Send + 'static,
+    Fut: Future<Output = Out> + Send + 'static,
+{
+    let work = {
+        let (group, s) = (t.group.clone(), Arc::clone(&t.s));
+        move || {
+            let first = s.scripted();
+            async move { then(group, first.await?).await }
+        }
+    };
+    let leader = t.spawn(t.group.run(1, work));
+    t.s.entered();
+    let unexpected = Arc::new(AtomicUsize::new(0));
+    let follower = t.spawn(t.group.run(1, never(&unexpected)));
+    (leader, follower, unexpected)
 }
 
 #[test]
 fn multi_thread_a_call_asking_for_its_own_key_inside_a_poll_after_a_follower_joined() {
-    let rt = mt_runtime();
-    let _rt = rt.enter();
-    let group: Group<u32, u32> = Group::new();
-    let s = Script::new();
-    let inner = Arc::new(AtomicUsize::new(0));
-
-    let work = {
-        let (group, s, inner) = (group.clone(), Arc::clone(&s), Arc::clone(&inner));
-        move || {
-            let first = s.scripted();
-            async move {
-                let first = first.await?;
-                let inner = Arc::clone(&inner);
-                let again = group.run(1, move || {
-                    inner.fetch_add(1, SeqCst);
-                    async { Ok::<u32, Fail>(40) }
-                });
+    multi_thread(Group::new(), |t| {
+        let inner = Arc::new(AtomicUsize::new(0));
+        let asks = forty(&inner);
+        let (leader, follower, unexpected) =
+            leader_calling_then_a_follower(t, move |group, first| async move {
+                let again = group.run(1, asks);
                 if again.role() != Role::Leader {
                     return Err(Fail(501));
                 }
                 Ok(first + again.await.map_err(|_| Fail(500))?)
-            }
-        }
-    };
-    let leader = rt.spawn(group.run(1, work));
-    s.entered();
-    let unexpected = Arc::new(AtomicUsize::new(0));
-    let follower = spawn_run(&rt, group.run(1, never(&unexpected)));
-    s.send(Cmd::Pending);
-    s.step(Cmd::Ok(2));
-    let l = rt.block_on(async {
-        tokio::time::timeout(WAIT, leader)
-            .await
-            .expect("deadlock")
-            .unwrap()
+            });
+        t.s.send(Cmd::Pending);
+        t.s.step(Cmd::Ok(2));
+        t.shared_value(leader, follower, 42);
+        assert_eq!(inner.load(SeqCst), 1);
+        assert_eq!(unexpected.load(SeqCst), 0);
+        assert_idle(&t.group);
     });
-    let (f, _) = wait(&rt, follower);
-    assert_eq!((ok(&l), ok(&f)), (42, 42));
-    assert_eq!(inner.load(SeqCst), 1);
-    assert_eq!(unexpected.load(SeqCst), 0);
-    assert_idle(&group);
+}
+
+#[test]
+fn multi_thread_a_call_forgets_its_key_after_a_follower_joined_then_asks_for_it() {
+    multi_thread(Group::new(), |t| {
+        let inner = Arc::new(AtomicUsize::new(0));
+        let asks = forty(&inner);
+        let (leader, follower, unexpected) =
+            leader_calling_then_a_follower(t, move |group, first| async move {
+                if !group.forget(&1) {
+                    return Err(Fail(502));
+                }
+                Ok(first + group.run(1, asks).await.map_err(|_| Fail(500))?)
+            });
+        t.s.send(Cmd::Ok(2));
+        t.shared_value(leader, follower, 42);
+        assert_eq!(inner.load(SeqCst), 1);
+        assert_eq!(unexpected.load(SeqCst), 0);
+        assert_idle(&t.group);
+    });
+}
+
+#[test]
+fn multi_thread_a_lone_leaders_call_drops_a_follower_that_joined_during_its_poll() {
+    multi_thread(Group::new(), |t| {
+        let parked: Parked = Arc::default();
+        // The leader's call: one scripted step, then drop whoever is parked,
+        // then one more scripted step.
+        let work = {
+            let (s, parked) = (Arc::clone(&t.s), Arc::clone(&parked));
+            move || {
+                let (first, second) = (s.scripted(), s.scripted());
+                async move {
+                    first.await?;
+                    drop(std::mem::take(&mut *parked.lock().unwrap()));
+                    second.await
+                }
+            }
+        };
+        let leader = t.spawn(t.group.run(1, work));
+        t.s.entered();
+        parked.lock().unwrap().push(Box::new(t.follower()));
+        t.s.send(Cmd::Ok(0));
+        t.s.step(Cmd::Pending);
+        t.s.wake();
+        t.s.step(Cmd::Ok(5));
+        assert_eq!(t.value(leader), 5);
+        // Two scripted steps, one call.
+        t.ended(2);
+    });
 }
 
 // ===========================================================================
 // D. No runtime, several threads: block_on
 // ===========================================================================
 
+/// Runs a caller on a thread of its own, with no runtime, and waits until
+/// its first poll has returned.
+fn polled_on_thread<F>(caller: F) -> mpsc::Receiver<F::Output>
+where
+    F: Future + Unpin + Send + 'static,
+    F::Output: Send + 'static,
+{
+    let (polled_tx, polled_rx) = mpsc::channel();
+    let caller = on_thread(noting(caller, polled_tx));
+    polled_rx
+        .recv_timeout(WAIT)
+        .expect("the follower was not polled");
+    caller
+}
+
+/// A group and scripted calls on key 1, for callers on plain threads.
+struct Threads {
+    group: Group<u32, u32>,
+    s: Arc<Script>,
+}
+
+impl Threads {
+    fn new() -> Self {
+        Self {
+            group: Group::new(),
+            s: Script::new(),
+        }
+    }
+
+    /// A new caller of key 1 that must join the flight in progress.
+    #[track_caller]
+    fn follower(&self) -> Run<u32, u32, WorkOf<Script, Scripted>> {
+        let follower = self.group.run(1, self.s.work());
+        assert_eq!(follower.role(), Role::Follower);
+        follower
+    }
+
+    /// A leader on a thread of its own, held inside the making of its call.
+    fn leader_in_make(&self) -> mpsc::Receiver<Result<u32, Error>> {
+        let (group, work) = (self.group.clone(), self.s.blocking_make());
+        let leader = thread(move || futures::executor::block_on(group.run(1, work)));
+        self.s.making();
+        leader
+    }
+}
+
 #[test]
 fn no_runtime_threads_follower_joins_while_the_leader_is_inside_its_poll() {
-    let group: Group<u32, u32> = Group::new();
-    let s = Script::new();
-
-    let leader = group.run(1, s.work());
+    let t = Threads::new();
+    let leader = t.group.run(1, t.s.work());
     let leader = thread(move || {
         let mut leader = Box::pin(leader);
         let out = futures::executor::block_on(leader.as_mut());
         (out, leader.is_shared())
     });
-    s.entered();
-    let follower = group.run(1, s.work());
-    assert_eq!(follower.role(), Role::Follower);
-    let (polled_tx, polled_rx) = mpsc::channel();
-    let follower =
-        thread(move || futures::executor::block_on(noting(Box::pin(follower), polled_tx)));
-    polled_rx
-        .recv_timeout(WAIT)
-        .expect("the follower was not polled");
-    s.send(Cmd::Pending);
-    s.wake();
-    s.step(Cmd::Ok(7));
+    t.s.entered();
+    let follower = polled_on_thread(Box::pin(t.follower()));
+    t.s.send(Cmd::Pending);
+    t.s.wake();
+    t.s.step(Cmd::Ok(7));
     let (l, l_shared) = joined(&leader);
     let f = joined(&follower);
     assert_eq!((ok(&l), ok(&f)), (7, 7));
     assert!(l_shared);
-    assert_eq!(s.started(), 1);
-    assert_idle(&group);
+    assert_eq!(t.s.started(), 1);
+    assert_idle(&t.group);
 }
 
 #[test]
 fn no_runtime_threads_leader_leaves_after_the_flight_turned_shared_inside_its_poll() {
-    let group: Group<u32, u32> = Group::new();
-    let s = Script::new();
-
+    let t = Threads::new();
     let (leave_tx, leave_rx) = oneshot::channel::<()>();
-    let leader = group.run(1, s.work());
+    let leader = t.group.run(1, t.s.work());
     let leader = thread(move || {
         let leader = Box::pin(leader);
         match futures::executor::block_on(futures::future::select(leave_rx, leader)) {
@@ -2045,87 +2116,66 @@ fn no_runtime_threads_leader_leaves_after_the_flight_turned_shared_inside_its_po
             futures::future::Either::Right((out, _)) => Some(out),
         }
     });
-    s.entered();
-    let follower = group.run(1, s.work());
-    let (polled_tx, polled_rx) = mpsc::channel();
-    let follower =
-        thread(move || futures::executor::block_on(noting(Box::pin(follower), polled_tx)));
-    polled_rx
-        .recv_timeout(WAIT)
-        .expect("the follower was not polled");
-    s.send(Cmd::Pending);
+    t.s.entered();
+    let follower = polled_on_thread(Box::pin(t.follower()));
+    t.s.send(Cmd::Pending);
     leave_tx.send(()).unwrap();
     assert!(joined(&leader).is_none(), "the leader left");
-    assert_eq!(s.live(), 1, "the call survives its leader");
+    assert_eq!(t.s.live(), 1, "the call survives its leader");
     // The follower must be handed the call: it polls it next.
-    s.step(Cmd::Ok(7));
+    t.s.step(Cmd::Ok(7));
     assert_eq!(ok(&joined(&follower)), 7);
-    assert_eq!(s.started(), 1);
-    assert_idle(&group);
+    assert_eq!(t.s.started(), 1);
+    assert_idle(&t.group);
 }
 
 #[test]
 fn no_runtime_threads_forget_while_the_leader_is_inside_its_poll() {
-    let group: Group<u32, u32> = Group::new();
-    let (s1, s2) = (Script::new(), Script::new());
-
-    let old = group.run(1, s1.work());
-    let old = thread(move || futures::executor::block_on(old));
-    s1.entered();
-    assert!(group.forget(&1));
-    let fresh = group.run(1, s2.work());
+    let t = Threads::new();
+    let old = on_thread(t.group.run(1, t.s.work()));
+    t.s.entered();
+    assert!(t.group.forget(&1));
+    let s2 = Script::new();
+    let fresh = t.group.run(1, s2.work());
     assert_eq!(fresh.role(), Role::Leader);
-    let follower = group.run(1, s2.work());
+    let follower = t.group.run(1, s2.work());
     assert_eq!(follower.role(), Role::Follower);
-    let fresh = thread(move || futures::executor::block_on(fresh));
-    let follower = thread(move || futures::executor::block_on(follower));
+    let fresh = on_thread(fresh);
+    let follower = on_thread(follower);
     s2.step(Cmd::Ok(2));
-    s1.send(Cmd::Ok(1));
+    t.s.send(Cmd::Ok(1));
     assert_eq!(ok(&joined(&old)), 1);
     assert_eq!(ok(&joined(&fresh)), 2);
     assert_eq!(ok(&joined(&follower)), 2);
-    assert_eq!((s1.started(), s2.started()), (1, 1));
-    assert_idle(&group);
+    assert_eq!((t.s.started(), s2.started()), (1, 1));
+    assert_idle(&t.group);
 }
 
 #[test]
 fn no_runtime_threads_follower_joins_while_the_leader_makes_its_call() {
-    let group: Group<u32, u32> = Group::new();
-    let s = Script::new();
-
-    let g = group.clone();
-    let work = s.blocking_make();
-    let leader = thread(move || futures::executor::block_on(g.run(1, work)));
-    s.making();
-    let follower = group.run(1, s.work());
-    assert_eq!(follower.role(), Role::Follower);
-    let follower = thread(move || futures::executor::block_on(follower));
-    s.release_make(true);
-    s.step(Cmd::Pending);
-    s.wake();
-    s.step(Cmd::Ok(5));
+    let t = Threads::new();
+    let leader = t.leader_in_make();
+    let follower = on_thread(t.follower());
+    t.s.release_make(true);
+    t.s.step(Cmd::Pending);
+    t.s.wake();
+    t.s.step(Cmd::Ok(5));
     assert_eq!(ok(&joined(&leader)), 5);
     assert_eq!(ok(&joined(&follower)), 5);
-    assert_eq!(s.started(), 1);
-    assert_idle(&group);
+    assert_eq!(t.s.started(), 1);
+    assert_idle(&t.group);
 }
 
 #[test]
 fn no_runtime_threads_make_panics_after_a_follower_joined() {
-    let group: Group<u32, u32> = Group::new();
-    let s = Script::new();
-
-    let g = group.clone();
-    let work = s.blocking_make();
-    let leader = thread(move || futures::executor::block_on(g.run(1, work)));
-    s.making();
-    let follower = group.run(1, s.work());
-    let follower = thread(move || futures::executor::block_on(follower));
-    s.release_make(false);
+    let t = Threads::new();
+    let leader = t.leader_in_make();
+    let follower = on_thread(t.follower());
+    t.s.release_make(false);
     assert_panic(&joined(&leader), "make boom");
     assert_panic(&joined(&follower), "make boom");
-    assert_eq!(group.stats().panics, 1);
-    assert_idle(&group);
+    assert_eq!(t.group.stats().panics, 1);
+    assert_idle(&t.group);
 }
 
 // ===========================================================================
@@ -2344,133 +2394,71 @@ fn stress_random_arrivals_cancellations_and_forgets_on_two_workers() {
 
 #[test]
 fn runtime_shut_down_under_a_shared_call_hands_it_back_to_the_callers() {
-    let group: Group<u32, u32> = Group::new();
-    let calls = Calls::new();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-
+    let t = Callers::new();
+    let rt = current_thread_runtime();
     let (mut leader, mut follower) = rt.block_on(async {
-        let mut leader = Polled::new(group.run(1, calls.work()));
-        assert!(!leader.poll());
-        let mut follower = Polled::new(group.run(1, calls.work()));
-        assert!(!follower.poll());
+        let pair = t.parked_pair();
         settle().await;
-        (leader, follower)
+        pair
     });
     assert!(
-        calls.polls.load(SeqCst) >= 2,
+        t.calls.polls.load(SeqCst) >= 2,
         "the task never polled the call"
     );
     // The task driving the call goes with its runtime.
     drop(rt);
-    assert_eq!(calls.live(), 1, "the call must survive the task");
+    assert_eq!(t.calls.live(), 1, "the call must survive the task");
     run_woken(&mut [&mut leader, &mut follower]);
-    calls.resolve(0, Cmd::Ok(5));
-    run_woken(&mut [&mut leader, &mut follower]);
-    assert!(
-        leader.done() && follower.done(),
-        "no caller was handed the call when its task went away"
-    );
-    assert_eq!(ok(leader.out()), 5);
-    assert_eq!(ok(follower.out()), 5);
-    assert_idle(&group);
+    // Some caller must have been handed the call when its task went away.
+    t.deliver(0, 5, &mut [&mut leader, &mut follower]);
+    t.ended(1);
 }
 
 #[test]
 fn runtime_shut_down_under_a_lone_leaders_call_taken_over_by_a_task_before_its_first_poll() {
-    let group: Group<u32, u32> = Group::new();
-    let calls = Calls::new();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-
+    let t = Callers::new();
+    let rt = current_thread_runtime();
     // The follower joins before the leader's first poll; the task never runs.
-    let (mut leader, mut follower) = rt.block_on(async {
-        let leader = Polled::new(group.run(1, calls.work()));
-        let follower = Polled::new(group.run(1, calls.work()));
-        (leader, follower)
-    });
+    let (mut leader, mut follower) = rt.block_on(async { (t.leader(), t.follower()) });
     drop(rt);
-    assert_eq!(calls.live(), 1);
+    assert_eq!(t.calls.live(), 1);
     assert!(!follower.poll() || follower.done());
     assert!(!leader.poll() || leader.done());
-    calls.resolve(0, Cmd::Ok(5));
-    run_woken(&mut [&mut leader, &mut follower]);
-    assert!(
-        leader.done() && follower.done(),
-        "hung after the runtime went away"
-    );
-    assert_eq!(ok(leader.out()), 5);
-    assert_eq!(ok(follower.out()), 5);
-    assert_idle(&group);
+    // Neither hangs after the runtime went away.
+    t.deliver(0, 5, &mut [&mut leader, &mut follower]);
+    t.ended(1);
 }
 
 #[test]
 fn runtime_shut_down_under_a_call_running_to_completion_drops_it() {
-    let group: Group<u32, u32> = Group::new().run_to_completion(true);
-    let calls = Calls::new();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let t = Callers::running_to_completion();
+    let rt = current_thread_runtime();
     rt.block_on(async {
-        let mut leader = Polled::new(group.run(1, calls.work()));
-        assert!(!leader.poll());
-        drop(leader);
+        drop(t.leader().parked());
         settle().await;
-        assert_eq!(calls.live(), 1);
+        assert_eq!(t.calls.live(), 1);
     });
     drop(rt);
-    assert_eq!(calls.live(), 0, "the call outlived its runtime");
-    assert_idle(&group);
-    let mut next = Polled::new(group.run(1, calls.work()));
-    assert_eq!(next.role(), Role::Leader);
-    calls.resolve(1, Cmd::Ok(1));
+    assert_eq!(t.calls.live(), 0, "the call outlived its runtime");
+    assert_idle(&t.group);
+    let mut next = t.leader();
+    t.calls.resolve(1, Cmd::Ok(1));
     assert!(next.poll());
-    assert_idle(&group);
-}
-
-#[test]
-fn no_runtime_run_to_completion_forgotten_lone_leader_dropped() {
-    let group: Group<u32, u32> = Group::new().run_to_completion(true);
-    let calls = Calls::new();
-    let mut leader = Polled::new(group.run(1, calls.work()));
-    assert!(!leader.poll());
-    assert!(group.forget(&1));
-    let mut fresh = Polled::new(group.run(1, calls.work()));
-    assert_eq!(fresh.role(), Role::Leader);
-    drop(leader);
-    assert_eq!(calls.live(), 1);
-    assert!(!fresh.poll());
-    calls.resolve(1, Cmd::Ok(2));
-    run_woken(&mut [&mut fresh]);
-    assert_eq!(ok(fresh.out()), 2);
-    assert_idle(&group);
+    t.ended(2);
 }
 
 #[tokio::test(flavor = "current_thread")]
 async fn current_thread_followers_are_woken_once_whenever_they_join() {
     for point in 0..3 {
-        let group: Group<u32, u32> = Group::new();
-        let calls = Calls::new();
-        let mut leader = Polled::new(group.run(1, calls.work()));
+        let t = Callers::new();
+        let mut leader = t.leader();
         if point >= 1 {
             assert!(!leader.poll());
         }
-        let mut followers: Vec<_> = (0..3)
-            .map(|_| Polled::new(group.run(1, calls.work())))
-            .collect();
-        for f in &mut followers {
-            assert!(!f.poll());
-        }
+        let mut followers: Vec<_> = (0..3).map(|_| t.follower().parked()).collect();
         if point == 2 {
             drop(leader);
-            leader = Polled::new(group.run(1, calls.work()));
-            assert_eq!(leader.role(), Role::Follower);
-            assert!(!leader.poll());
+            leader = t.follower().parked();
         }
         settle().await;
         for f in &followers {
@@ -2479,7 +2467,7 @@ async fn current_thread_followers_are_woken_once_whenever_they_join() {
                 "point {point}: a follower was woken before the outcome"
             );
         }
-        calls.resolve(0, Cmd::Ok(1));
+        t.calls.resolve(0, Cmd::Ok(1));
         settle().await;
         for f in &mut followers {
             assert_eq!(
@@ -2493,43 +2481,73 @@ async fn current_thread_followers_are_woken_once_whenever_they_join() {
         }
         assert!(leader.poll());
         assert_eq!(ok(leader.out()), 1);
-        assert_eq!(calls.started(), 1);
-        idle(&group).await;
+        t.ended_on_runtime(1).await;
+    }
+}
+
+type Parked = Arc<Mutex<Vec<Box<dyn std::any::Any + Send>>>>;
+
+/// A call that, once its gate opens, drops every caller parked in `parked`
+/// (its own waiters among them), then finishes with `finish` (or never).
+fn dropping_waiters(
+    calls: &Arc<Calls>,
+    parked: &Parked,
+    finish: Option<u32>,
+) -> impl FnOnce() -> Pin<Box<dyn Future<Output = Out> + Send>> + Send + 'static {
+    let (calls, parked) = (Arc::clone(calls), Arc::clone(parked));
+    move || {
+        let gate = calls.gated();
+        Box::pin(async move {
+            gate.await?;
+            let waiters = std::mem::take(&mut *parked.lock().unwrap());
+            drop(waiters);
+            match finish {
+                Some(v) => Ok(v),
+                None => std::future::pending().await,
+            }
+        })
+    }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn current_thread_a_task_driven_call_that_drops_all_its_waiters_from_inside_its_poll() {
+    for finish in [None, Some(3)] {
+        let t = Callers::new();
+        let parked: Parked = Arc::default();
+        let caller = || Polled::new(t.group.run(1, dropping_waiters(&t.calls, &parked, finish)));
+        let leader = caller().parked();
+        let follower = caller().parked();
+        parked.lock().unwrap().push(Box::new(leader));
+        parked.lock().unwrap().push(Box::new(follower));
+        settle().await;
+        t.calls.resolve(0, Cmd::Ok(0));
+        let settled = tokio::time::timeout(WAIT, settle()).await;
+        assert!(settled.is_ok(), "finish {finish:?}: deadlocked");
+        t.ended_on_runtime(1).await;
+        assert!(parked.lock().unwrap().is_empty(), "finish {finish:?}");
+        let stats = t.group.stats();
+        assert_eq!(
+            stats.abandoned,
+            u64::from(finish.is_none()),
+            "finish {finish:?}: {stats:?}"
+        );
     }
 }
 
 #[test]
-fn multi_thread_many_followers_join_while_the_leader_is_inside_its_poll() {
-    let rt = mt_runtime();
-    let _rt = rt.enter();
-    let group: Group<u32, u32> = Group::new();
-    let s = Script::new();
-
-    let leader = spawn_run(&rt, group.run(1, s.work()));
-    s.entered();
-    let mut followers = Vec::new();
-    for i in 0..8 {
-        let run = group.run(1, s.work());
-        assert_eq!(run.role(), Role::Follower);
-        if i % 3 == 2 {
-            drop(run);
-        } else {
-            followers.push(spawn_run(&rt, run));
-        }
-    }
-    s.send(Cmd::Pending);
-    s.step(Cmd::Pending);
-    leader.abort();
-    s.wake();
-    s.step(Cmd::Ok(9));
-    for f in followers {
-        assert_eq!(ok(&wait(&rt, f).0), 9);
-    }
-    assert_eq!(s.started(), 1);
-    let stats = group.stats();
-    assert_eq!((stats.leaders, stats.followers), (1, 8));
-    eventually("the call is dropped", || s.live() == 0);
-    assert_idle(&group);
+fn no_runtime_a_call_polled_by_a_follower_drops_the_leader_from_inside_its_poll() {
+    let t = Callers::new();
+    let parked: Parked = Arc::default();
+    let caller = || Polled::new(t.group.run(1, dropping_waiters(&t.calls, &parked, Some(4))));
+    let leader = caller().parked();
+    let mut follower = caller();
+    assert!(!follower.poll(), "the follower polls the call last");
+    parked.lock().unwrap().push(Box::new(leader));
+    t.calls.resolve(0, Cmd::Ok(0));
+    run_woken(&mut [&mut follower]);
+    assert!(follower.done(), "the follower hung");
+    assert_values(&[&follower], 4);
+    t.ended(1);
 }
 
 /// Two plain threads share one group, poll their callers by hand, resolve
@@ -2748,19 +2766,23 @@ fn stress_runtimes_shutting_down_under_shared_calls() {
         }));
     }
 
+    // A random key, group and call for a caller on a runtime.
+    let next_caller = |rng: &mut Rng| {
+        let key = rng.below(KEYS) as u32;
+        let group = if rng.below(3) == 0 {
+            completing.clone()
+        } else {
+            group.clone()
+        };
+        let work = yielding(key, 3 + rng.below(30) as u32, &live, &made);
+        (key, group, work, check.clone())
+    };
     let mut waiting = Vec::new();
     let mut rng = Rng(0xC0FFEE);
     for _ in 0..150 {
         // Followers (or leaders) on the long-lived runtime.
         for _ in 0..3 {
-            let key = rng.below(KEYS) as u32;
-            let group = if rng.below(3) == 0 {
-                completing.clone()
-            } else {
-                group.clone()
-            };
-            let work = yielding(key, 3 + rng.below(30) as u32, &live, &made);
-            let check = check.clone();
+            let (key, group, work, check) = next_caller(&mut rng);
             runs.fetch_add(1, SeqCst);
             waiting.push(main.spawn(async move {
                 let out = group.run(key, work).await;
@@ -2768,19 +2790,10 @@ fn stress_runtimes_shutting_down_under_shared_calls() {
             }));
         }
         // Callers on a runtime about to go away.
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
+        let rt = current_thread_runtime();
         for _ in 0..3 {
-            let key = rng.below(KEYS) as u32;
-            let group = if rng.below(3) == 0 {
-                completing.clone()
-            } else {
-                group.clone()
-            };
-            let work = yielding(key, 3 + rng.below(30) as u32, &live, &made);
-            let (runs, check) = (Arc::clone(&runs), check.clone());
+            let (key, group, work, check) = next_caller(&mut rng);
+            let runs = Arc::clone(&runs);
             rt.spawn(async move {
                 let run = group.run(key, work);
                 runs.fetch_add(1, SeqCst);
@@ -2917,156 +2930,9 @@ fn race_two_threads_on_one_key_inside_a_multi_thread_runtime() {
     }
 }
 
-type Parked = Arc<Mutex<Vec<Box<dyn std::any::Any + Send>>>>;
-
-/// A call that, once its gate opens, drops every caller parked in `parked`
-/// (its own waiters among them), then finishes with `finish` (or never).
-fn dropping_waiters(
-    calls: &Arc<Calls>,
-    parked: &Parked,
-    finish: Option<u32>,
-) -> impl FnOnce() -> Pin<Box<dyn Future<Output = Out> + Send>> + Send + 'static {
-    let (calls, parked) = (Arc::clone(calls), Arc::clone(parked));
-    move || {
-        let gate = calls.gated();
-        Box::pin(async move {
-            gate.await?;
-            let waiters = std::mem::take(&mut *parked.lock().unwrap());
-            drop(waiters);
-            match finish {
-                Some(v) => Ok(v),
-                None => std::future::pending().await,
-            }
-        })
-    }
-}
-
-#[tokio::test(flavor = "current_thread")]
-async fn current_thread_a_task_driven_call_that_drops_all_its_waiters_from_inside_its_poll() {
-    for finish in [None, Some(3)] {
-        let group: Group<u32, u32> = Group::new();
-        let calls = Calls::new();
-        let parked: Parked = Arc::default();
-        let mut leader = Polled::new(group.run(1, dropping_waiters(&calls, &parked, finish)));
-        assert!(!leader.poll());
-        let mut follower = Polled::new(group.run(1, dropping_waiters(&calls, &parked, finish)));
-        assert!(!follower.poll());
-        parked.lock().unwrap().push(Box::new(leader));
-        parked.lock().unwrap().push(Box::new(follower));
-        settle().await;
-        calls.resolve(0, Cmd::Ok(0));
-        let settled = tokio::time::timeout(WAIT, settle()).await;
-        assert!(settled.is_ok(), "deadlocked");
-        eventually_async("the call is dropped", || calls.live() == 0).await;
-        assert!(parked.lock().unwrap().is_empty());
-        let stats = group.stats();
-        assert_eq!(stats.abandoned, u64::from(finish.is_none()), "{stats:?}");
-        idle(&group).await;
-    }
-}
-
-#[test]
-fn no_runtime_a_call_polled_by_a_follower_drops_the_leader_from_inside_its_poll() {
-    let group: Group<u32, u32> = Group::new();
-    let calls = Calls::new();
-    let parked: Parked = Arc::default();
-    let mut leader = Polled::new(group.run(1, dropping_waiters(&calls, &parked, Some(4))));
-    assert!(!leader.poll());
-    let mut follower = Polled::new(group.run(1, dropping_waiters(&calls, &parked, Some(4))));
-    assert!(!follower.poll(), "the follower polls the call last");
-    parked.lock().unwrap().push(Box::new(leader));
-    calls.resolve(0, Cmd::Ok(0));
-    run_woken(&mut [&mut follower]);
-    assert!(follower.done(), "the follower hung");
-    assert_eq!(ok(follower.out()), 4);
-    assert_eq!(calls.live(), 0);
-    assert_idle(&group);
-}
-
-#[test]
-fn multi_thread_a_lone_leaders_call_drops_a_follower_that_joined_during_its_poll() {
-    let rt = mt_runtime();
-    let _rt = rt.enter();
-    let group: Group<u32, u32> = Group::new();
-    let s = Script::new();
-    let parked: Parked = Arc::default();
-
-    // The leader's call: one scripted step, then drop whoever is parked,
-    // then one more scripted step.
-    let work = {
-        let (s, parked) = (Arc::clone(&s), Arc::clone(&parked));
-        move || {
-            let (first, second) = (s.scripted(), s.scripted());
-            async move {
-                first.await?;
-                drop(std::mem::take(&mut *parked.lock().unwrap()));
-                second.await
-            }
-        }
-    };
-    let leader = spawn_run(&rt, group.run(1, work));
-    s.entered();
-    let follower = group.run(1, s.work());
-    assert_eq!(follower.role(), Role::Follower);
-    parked.lock().unwrap().push(Box::new(follower));
-    s.send(Cmd::Ok(0));
-    s.step(Cmd::Pending);
-    s.wake();
-    s.step(Cmd::Ok(5));
-    let (l, _) = wait(&rt, leader);
-    assert_eq!(ok(&l), 5);
-    assert_eq!(s.started(), 2, "two scripted steps, one call");
-    eventually("the call is dropped", || s.live() == 0);
-    assert_idle(&group);
-}
-
-#[test]
-fn multi_thread_a_call_forgets_its_key_after_a_follower_joined_then_asks_for_it() {
-    let rt = mt_runtime();
-    let _rt = rt.enter();
-    let group: Group<u32, u32> = Group::new();
-    let s = Script::new();
-    let inner = Arc::new(AtomicUsize::new(0));
-
-    let work = {
-        let (group, s, inner) = (group.clone(), Arc::clone(&s), Arc::clone(&inner));
-        move || {
-            let first = s.scripted();
-            async move {
-                let first = first.await?;
-                if !group.forget(&1) {
-                    return Err(Fail(502));
-                }
-                let inner = Arc::clone(&inner);
-                let again = group.run(1, move || {
-                    inner.fetch_add(1, SeqCst);
-                    async { Ok::<u32, Fail>(40) }
-                });
-                Ok(first + again.await.map_err(|_| Fail(500))?)
-            }
-        }
-    };
-    let leader = rt.spawn(group.run(1, work));
-    s.entered();
-    let unexpected = Arc::new(AtomicUsize::new(0));
-    let follower = spawn_run(&rt, group.run(1, never(&unexpected)));
-    s.send(Cmd::Ok(2));
-    let l = rt.block_on(async {
-        tokio::time::timeout(WAIT, leader)
-            .await
-            .expect("deadlock")
-            .unwrap()
-    });
-    let (f, _) = wait(&rt, follower);
-    assert_eq!((ok(&l), ok(&f)), (42, 42));
-    assert_eq!(inner.load(SeqCst), 1);
-    assert_eq!(unexpected.load(SeqCst), 0);
-    assert_idle(&group);
-}
-
 // ===========================================================================
 // G. Nothing survives: every key and every value handed to the group is
-// dropped once its callers are gone (R2), whatever the transition.
+// dropped once its callers are gone, whatever the transition.
 // ===========================================================================
 
 /// A key that counts its copies through `token`.
@@ -3148,6 +3014,7 @@ fn no_runtime_every_key_and_value_is_freed_after_every_transition() {
     let completing = group.clone().run_to_completion(true);
     let t = Tokens::new();
     let c = &t.calls;
+    let caller = |group: &Group<TKey, TVal>| Polled::new(group.run(t.key(1), t.work()));
     let mut n = 0;
     let mut next = || {
         n += 1;
@@ -3155,8 +3022,7 @@ fn no_runtime_every_key_and_value_is_freed_after_every_transition() {
     };
 
     // A lone flight that finishes.
-    let mut l = Polled::new(group.run(t.key(1), t.work()));
-    l.poll();
+    let mut l = caller(&group).parked();
     c.resolve(next(), Cmd::Ok(1));
     run_woken(&mut [&mut l]);
     assert_eq!(tval(l.out()), 1);
@@ -3164,15 +3030,12 @@ fn no_runtime_every_key_and_value_is_freed_after_every_transition() {
     assert_eq!(t.held(), 0, "after a lone flight");
 
     // A lone flight abandoned.
-    let mut l = Polled::new(group.run(t.key(1), t.work()));
-    l.poll();
+    drop(caller(&group).parked());
     next();
-    drop(l);
     assert_eq!(t.held(), 0, "after an abandoned lone flight");
 
     // A lone flight forgotten, then finished.
-    let mut l = Polled::new(group.run(t.key(1), t.work()));
-    l.poll();
+    let mut l = caller(&group).parked();
     group.forget(&t.key(1));
     c.resolve(next(), Cmd::Ok(2));
     run_woken(&mut [&mut l]);
@@ -3180,9 +3043,8 @@ fn no_runtime_every_key_and_value_is_freed_after_every_transition() {
     assert_eq!(t.held(), 0, "after a forgotten lone flight");
 
     // Shared before the first poll, finished.
-    let mut l = Polled::new(group.run(t.key(1), t.work()));
-    let mut f = Polled::new(group.run(t.key(1), t.work()));
-    f.poll();
+    let mut l = caller(&group);
+    let mut f = caller(&group).parked();
     l.poll();
     c.resolve(next(), Cmd::Ok(3));
     run_woken(&mut [&mut l, &mut f]);
@@ -3191,9 +3053,8 @@ fn no_runtime_every_key_and_value_is_freed_after_every_transition() {
     assert_eq!(t.held(), 0, "after a shared flight");
 
     // Shared, forgotten before the leader noticed, finished.
-    let mut l = Polled::new(group.run(t.key(1), t.work()));
-    l.poll();
-    let mut f = Polled::new(group.run(t.key(1), t.work()));
+    let mut l = caller(&group).parked();
+    let mut f = caller(&group);
     group.forget(&t.key(1));
     f.poll();
     l.poll();
@@ -3209,9 +3070,8 @@ fn no_runtime_every_key_and_value_is_freed_after_every_transition() {
 
     // Shared, forgotten and finished before the leader noticed; the leader
     // then collects.
-    let mut l = Polled::new(group.run(t.key(1), t.work()));
-    l.poll();
-    let mut f = Polled::new(group.run(t.key(1), t.work()));
+    let mut l = caller(&group).parked();
+    let mut f = caller(&group);
     group.forget(&t.key(1));
     c.resolve(next(), Cmd::Ok(5));
     f.poll();
@@ -3227,8 +3087,8 @@ fn no_runtime_every_key_and_value_is_freed_after_every_transition() {
     );
 
     // Shared, finished before the leader noticed; the leader leaves unpolled.
-    let l = Polled::new(group.run(t.key(1), t.work()));
-    let mut f = Polled::new(group.run(t.key(1), t.work()));
+    let l = caller(&group);
+    let mut f = caller(&group);
     c.resolve(next(), Cmd::Ok(6));
     f.poll();
     drop(f);
@@ -3236,20 +3096,16 @@ fn no_runtime_every_key_and_value_is_freed_after_every_transition() {
     assert_eq!(t.held(), 0, "after a shared flight whose leader never came");
 
     // Shared, everyone leaves.
-    let mut l = Polled::new(group.run(t.key(1), t.work()));
-    l.poll();
-    let mut f = Polled::new(group.run(t.key(1), t.work()));
-    f.poll();
+    let l = caller(&group).parked();
+    let f = caller(&group).parked();
     next();
     drop(f);
     drop(l);
     assert_eq!(t.held(), 0, "after an abandoned shared flight");
 
     // Shared, panicking.
-    let mut l = Polled::new(group.run(t.key(1), t.work()));
-    l.poll();
-    let mut f = Polled::new(group.run(t.key(1), t.work()));
-    f.poll();
+    let mut l = caller(&group).parked();
+    let mut f = caller(&group).parked();
     c.resolve(next(), Cmd::Panic);
     run_woken(&mut [&mut l, &mut f]);
     assert!(l.done() && f.done());
@@ -3257,12 +3113,9 @@ fn no_runtime_every_key_and_value_is_freed_after_every_transition() {
     assert_eq!(t.held(), 0, "after a panicking shared flight");
 
     // Run to completion, no runtime: dropped, lone and forgotten.
-    let mut l = Polled::new(completing.run(t.key(1), t.work()));
-    l.poll();
+    drop(caller(&completing).parked());
     next();
-    drop(l);
-    let mut l = Polled::new(completing.run(t.key(1), t.work()));
-    l.poll();
+    let l = caller(&completing).parked();
     next();
     completing.forget(&t.key(1));
     drop(l);
@@ -3282,13 +3135,12 @@ async fn current_thread_every_key_and_value_is_freed_after_task_driven_transitio
     let completing = group.clone().run_to_completion(true);
     let t = Tokens::new();
     let c = &t.calls;
+    let caller = |group: &Group<TKey, TVal>| Polled::new(group.run(t.key(1), t.work()));
 
     // Shared after the leader parked; the task finishes it; the leader
     // collects late.
-    let mut l = Polled::new(group.run(t.key(1), t.work()));
-    l.poll();
-    let mut f = Polled::new(group.run(t.key(1), t.work()));
-    f.poll();
+    let mut l = caller(&group).parked();
+    let mut f = caller(&group).parked();
     settle().await;
     c.resolve(0, Cmd::Ok(1));
     settle().await;
@@ -3301,8 +3153,8 @@ async fn current_thread_every_key_and_value_is_freed_after_task_driven_transitio
     assert_eq!(t.held(), 0, "after a task-driven flight");
 
     // Shared before the first poll, forgotten, everyone leaves.
-    let l = Polled::new(group.run(t.key(1), t.work()));
-    let f = Polled::new(group.run(t.key(1), t.work()));
+    let l = caller(&group);
+    let f = caller(&group);
     group.forget(&t.key(1));
     settle().await;
     drop(f);
@@ -3312,11 +3164,8 @@ async fn current_thread_every_key_and_value_is_freed_after_task_driven_transitio
 
     // Run to completion: the leader leaves a lone flight; a late caller
     // joins; it finishes.
-    let mut l = Polled::new(completing.run(t.key(1), t.work()));
-    l.poll();
-    drop(l);
-    let mut late = Polled::new(group.run(t.key(1), t.work()));
-    late.poll();
+    drop(caller(&completing).parked());
+    let mut late = caller(&group).parked();
     settle().await;
     c.resolve(2, Cmd::Ok(3));
     settle().await;
@@ -3325,8 +3174,7 @@ async fn current_thread_every_key_and_value_is_freed_after_task_driven_transitio
     drop(late);
 
     // Run to completion: forgotten, the leader leaves, it finishes alone.
-    let mut l = Polled::new(completing.run(t.key(1), t.work()));
-    l.poll();
+    let l = caller(&completing).parked();
     completing.forget(&t.key(1));
     drop(l);
     settle().await;
