@@ -26,8 +26,8 @@ pin_project! {
     ///
     /// Resolves to the flight's outcome. [`role`](Run::role) says at once
     /// whether this caller leads or follows; once the future has resolved,
-    /// [`is_shared`](Run::is_shared) says whether its outcome went to
-    /// other callers too. Poll it by reference to read both afterwards.
+    /// [`is_shared`](Run::is_shared) says whether other callers joined its
+    /// flight. Poll it by reference to read both afterwards.
     ///
     /// # Examples
     ///
@@ -154,9 +154,9 @@ impl<K, T, W: Work<T>> Run<K, T, W> {
         self.role
     }
 
-    /// Whether the outcome went to more than one caller: always for a
-    /// follower, and for a leader when anyone joined its flight. Meaningful
-    /// once the future has resolved.
+    /// Whether the flight had more than one caller: always for a follower,
+    /// and for a leader when anyone joined its flight, even a follower that
+    /// left before the outcome. Meaningful once the future has resolved.
     pub fn is_shared(&self) -> bool {
         self.shared
     }
@@ -293,8 +293,8 @@ impl<S: Service<Req>, Req, Key> ResponseFuture<S, Req, Key> {
         }
     }
 
-    /// Whether the response went to more than one caller. Meaningful once the
-    /// future has resolved.
+    /// Whether the flight had more than one caller, as
+    /// [`Run::is_shared`] says. Meaningful once the future has resolved.
     pub fn is_shared(&self) -> bool {
         match &self.kind {
             Kind::Bypass { .. } => false,

@@ -493,6 +493,51 @@ async fn a_leader_and_its_followers_learn_their_roles_and_that_they_shared() {
     }
 }
 
+#[test]
+fn a_leader_whose_follower_left_before_the_outcome_still_shared_its_flight() {
+    // With a runtime, a task drives the shared call and the leader takes
+    // the outcome it published; without one, the leader drives and
+    // publishes it itself. Both ways, its flight had a follower.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .unwrap();
+    for in_runtime in [true, false] {
+        let _entered = in_runtime.then(|| runtime.enter());
+        let group = Group::<&str, u32>::new();
+        let (open, gate) = futures::channel::oneshot::channel::<()>();
+
+        // A follower joins once the leader's call is under way, then leaves.
+        let mut leader = Box::pin(group.run("k", move || async move {
+            gate.await.unwrap();
+            Ok::<_, io::Error>(7)
+        }));
+        let mut follower = Box::pin(group.run("k", || async { Ok::<_, io::Error>(0) }));
+        assert_eq!(follower.role(), Role::Follower);
+        let waker = futures::task::noop_waker();
+        let mut cx = Context::from_waker(&waker);
+        assert!(leader.as_mut().poll(&mut cx).is_pending());
+        assert!(follower.as_mut().poll(&mut cx).is_pending());
+        drop(follower);
+
+        // The outcome reaches the leader alone, but its flight was shared.
+        open.send(()).unwrap();
+        let out = if in_runtime {
+            runtime.block_on(within(leader.as_mut()))
+        } else {
+            // Nothing else runs the call: a few polls of the leader end it.
+            (0..3)
+                .find_map(|_| match leader.as_mut().poll(&mut cx) {
+                    Poll::Ready(out) => Some(out),
+                    Poll::Pending => None,
+                })
+                .expect("the leader drives its call to the end")
+        };
+        assert_eq!(out.unwrap(), 7);
+        assert!(leader.is_shared(), "in a runtime: {in_runtime}");
+        assert!(group.is_empty());
+    }
+}
 #[tokio::test(flavor = "current_thread")]
 async fn layer_response_futures_tell_leader_follower_and_bypass_and_keep_the_response_type() {
     // Requests with key 0 decline coalescing.

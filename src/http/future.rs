@@ -61,10 +61,11 @@ impl Coalescing {
         self.role
     }
 
-    /// Whether this response went to more than one caller: for a follower,
-    /// when it got the flight's response (not one the layer made for it,
-    /// such as a 503 past its wait limit); for a leader, when followers
-    /// joined its flight and its response could be shared with them.
+    /// Whether this response came from a flight with more than one caller:
+    /// for a follower, when it got the flight's response (not one the layer
+    /// made for it, such as a 503 past its wait limit); for a leader, when
+    /// followers joined its flight (even ones that left before the response)
+    /// and its response could be shared with them.
     pub fn is_shared(&self) -> bool {
         self.shared
     }

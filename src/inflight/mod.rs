@@ -46,7 +46,8 @@ use self::wakers::Wakers;
 /// callers and a task.
 pub(crate) type Call<T> = Pin<Box<dyn Future<Output = Result<T, Error>> + Send>>;
 
-/// What a waiter gets: the outcome, and whether it went to more than one.
+/// What a waiter gets: the outcome, and whether its flight had more than one
+/// caller.
 pub(crate) type Delivery<T> = (Result<T, Error>, bool);
 
 /// Spawns a flight's driving task, or hands it back when there is no tokio
