@@ -245,9 +245,10 @@ impl Case {
         let allowed = !listed(self.config.streaming)
             && (self.config.unary.is_none() || listed(self.config.unary));
         let seen = request.body.seen();
+        // One whole message, with a compression flag gRPC defines (0 or 1).
         let one = declared(&request.wire).is_some_and(|len| {
             request.wire.len() == PREFIX_LEN + len && len <= self.config.message_limit
-        });
+        }) && matches!(request.wire.first(), Some(0 | 1));
         request.method == Method::POST
             && grpc
             && allowed
