@@ -399,6 +399,101 @@ async fn a_key_whose_eq_panics_poisons_no_lock_and_leaves_the_group_usable() {
     );
 }
 
+/// Runs `f` on a thread of its own and fails if it does not return within
+/// five seconds: a call that deadlocks fails the test instead of hanging it.
+fn returns_in_time(what: &str, f: impl FnOnce() + Send + 'static) {
+    let (done, finished) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        f();
+        let _ = done.send(());
+    });
+    finished
+        .recv_timeout(Duration::from_secs(5))
+        .unwrap_or_else(|_| panic!("{what}: deadlocked or panicked"));
+}
+
+#[test]
+fn a_follower_key_whose_drop_asks_the_group_about_itself_does_not_deadlock() {
+    /// A key that, when dropped, reads the group it was given.
+    struct Key {
+        id: u32,
+        on_drop: Option<Group<Key, u32>>,
+    }
+    impl PartialEq for Key {
+        fn eq(&self, other: &Self) -> bool {
+            self.id == other.id
+        }
+    }
+    impl Eq for Key {}
+    impl Hash for Key {
+        fn hash<H: Hasher>(&self, state: &mut H) {
+            self.id.hash(state);
+        }
+    }
+    impl Drop for Key {
+        fn drop(&mut self) {
+            if let Some(group) = self.on_drop.take() {
+                assert_eq!(group.len(), 1);
+                assert_eq!(group.stats().flights, 1);
+            }
+        }
+    }
+
+    returns_in_time("a follower's key dropped on joining", || {
+        let group = Group::<Key, u32>::new();
+        let leader = group.run(
+            Key {
+                id: 1,
+                on_drop: None,
+            },
+            futures::future::pending::<Result<u32, io::Error>>,
+        );
+        // The follower's key is not kept: the flight has the leader's.
+        let key = Key {
+            id: 1,
+            on_drop: Some(group.clone()),
+        };
+        let follower = group.run(key, || async { Ok::<_, io::Error>(0) });
+        assert_eq!(follower.role(), Role::Follower);
+        drop((follower, leader));
+        assert!(group.is_empty());
+    });
+}
+
+#[test]
+fn a_waker_whose_drop_asks_the_group_about_itself_does_not_deadlock() {
+    /// A waker that, once its last handle is dropped, reads the group.
+    struct Nosy(Group<u32, u32>);
+    impl std::task::Wake for Nosy {
+        fn wake(self: Arc<Self>) {}
+    }
+    impl Drop for Nosy {
+        fn drop(&mut self) {
+            assert_eq!(self.0.len(), 1);
+        }
+    }
+
+    returns_in_time("a leader's replaced waker", || {
+        let group = Group::<u32, u32>::new();
+        let mut leader = Box::pin(group.run(1, futures::future::pending::<Result<u32, io::Error>>));
+        // The leader's flight keeps a clone of the waker of its last poll.
+        let nosy = std::task::Waker::from(Arc::new(Nosy(group.clone())));
+        assert!(leader
+            .as_mut()
+            .poll(&mut Context::from_waker(&nosy))
+            .is_pending());
+        drop(nosy);
+        // A poll with another waker replaces it: its last handle goes.
+        let waker = futures::task::noop_waker();
+        assert!(leader
+            .as_mut()
+            .poll(&mut Context::from_waker(&waker))
+            .is_pending());
+        drop(leader);
+        assert!(group.is_empty());
+    });
+}
+
 // --- O4: the crate's own failures ---
 
 #[tokio::test(flavor = "current_thread", start_paused = true)]

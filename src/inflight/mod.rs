@@ -262,10 +262,13 @@ impl<K, T: Clone> Ticket<K, T> {
             Entry::Lone(lone) => {
                 let Poll::Ready(outcome) = polled else {
                     lone.call = Some(call);
-                    match &lone.waker {
-                        Some(waker) if waker.will_wake(cx.waker()) => {}
-                        _ => lone.waker = Some(cx.waker().clone()),
-                    }
+                    let replaced = match &lone.waker {
+                        Some(waker) if waker.will_wake(cx.waker()) => None,
+                        _ => lone.waker.replace(cx.waker().clone()),
+                    };
+                    // A waker's drop is user code: not under the lock.
+                    drop(map);
+                    drop(replaced);
                     return Poll::Pending;
                 };
                 let entry = map.remove(hash, index);

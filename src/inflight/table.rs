@@ -59,8 +59,9 @@ enum Slot<K, T> {
 
 /// What joining found.
 enum Joined<K> {
-    /// A visible flight for the key, at this index.
-    Follow(u32),
+    /// A visible flight for the key, at this index, and the caller's key,
+    /// handed back to be dropped once the lock is released.
+    Follow(u32, K),
     /// A new lone flight, at this index.
     Lead(u32),
     /// A visible flight for the key whose call this thread is inside: the
@@ -192,8 +193,8 @@ impl<K: Hash + Eq, T: Clone> Table<K, T> {
                 forgotten: false,
             })
         };
-        let index = match map.join(hash, key, own, lone) {
-            Joined::Follow(index) => index,
+        let (index, key) = match map.join(hash, key, own, lone) {
+            Joined::Follow(index, key) => (index, key),
             Joined::Lead(index) => {
                 let seq = map.next - 1;
                 map.tally.leaders += 1;
@@ -239,6 +240,8 @@ impl<K: Hash + Eq, T: Clone> Table<K, T> {
         };
         map.tally.followers += 1;
         drop(guard);
+        // The caller's own key goes with no lock held: its drop is user code.
+        drop(key);
         shard.counters.waiters.fetch_add(1, Ordering::Relaxed);
         #[cfg(feature = "tracing")]
         tracing::trace!(key_hash = hash, "joined a flight in progress as a follower");
@@ -337,7 +340,7 @@ impl<K: Eq, T> Flights<K, T> {
                     return if own(entry.seq()) {
                         Joined::Own(key)
                     } else {
-                        Joined::Follow(index)
+                        Joined::Follow(index, key)
                     };
                 }
                 let index = place(&mut self.slab, &mut self.free);
