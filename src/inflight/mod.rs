@@ -767,12 +767,21 @@ impl<K, T> Seat<K, T> {
 
 // --- the flights this thread is inside ---
 
+#[cfg(not(singleflight_loom))]
 thread_local! {
     /// The flight whose call this thread is making or polling right now.
     static INNERMOST: Cell<Option<FlightId>> = const { Cell::new(None) };
     /// The flights whose calls this thread is inside around the innermost
     /// one, innermost last: empty unless one call makes or polls another.
     static OUTER: RefCell<Vec<FlightId>> = const { RefCell::new(Vec::new()) };
+}
+
+// Loom runs its threads on one OS thread: each needs its own copy of these,
+// or one model thread would see another inside a flight.
+#[cfg(singleflight_loom)]
+::loom::thread_local! {
+    static INNERMOST: Cell<Option<FlightId>> = Cell::new(None);
+    static OUTER: RefCell<Vec<FlightId>> = RefCell::new(Vec::new());
 }
 
 impl FlightId {
@@ -787,9 +796,9 @@ impl FlightId {
 /// Whether this thread is inside flight `id`'s call: a caller that joined it
 /// from there would wait for itself.
 fn inside(id: FlightId) -> bool {
-    match INNERMOST.get() {
+    match INNERMOST.with(Cell::get) {
         None => false,
-        Some(innermost) => innermost == id || OUTER.with_borrow(|outer| outer.contains(&id)),
+        Some(innermost) => innermost == id || OUTER.with(|outer| outer.borrow().contains(&id)),
     }
 }
 
@@ -799,14 +808,14 @@ fn scope<R>(id: FlightId, f: impl FnOnce() -> R) -> R {
     impl Drop for Leave {
         fn drop(&mut self) {
             if self.0.is_some() {
-                OUTER.with_borrow_mut(Vec::pop);
+                OUTER.with(|outer| outer.borrow_mut().pop());
             }
-            INNERMOST.set(self.0);
+            INNERMOST.with(|innermost| innermost.set(self.0));
         }
     }
-    let outer = INNERMOST.replace(Some(id));
+    let outer = INNERMOST.with(|innermost| innermost.replace(Some(id)));
     if let Some(outer) = outer {
-        OUTER.with_borrow_mut(|outers| outers.push(outer));
+        OUTER.with(|outers| outers.borrow_mut().push(outer));
     }
     let _leave = Leave(outer);
     f()
