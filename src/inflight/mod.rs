@@ -125,7 +125,8 @@ enum Driving {
     /// A task of its own, once more than one caller waits for it, with that
     /// task's waker, to tell it when every caller has left.
     Task(Option<Waker>),
-    /// No task could be spawned: the callers drive it, for good.
+    /// No task could be spawned: the callers drive it, for good, unless it
+    /// is to run to completion and its last caller leaves in a runtime.
     NoRuntime,
 }
 
@@ -402,6 +403,17 @@ where
     }
 }
 
+/// One waiter's copy of a published outcome. `T::clone` is user code: if
+/// it panics, this waiter gets the panic as its error, and the flight's
+/// state, changed only around this call, stays whole for the others.
+fn copy<T: Clone>(outcome: &Result<T, Error>) -> Result<T, Error> {
+    match outcome {
+        Ok(value) => panic::catch_unwind(AssertUnwindSafe(|| value.clone()))
+            .map_err(|payload| Error::panicked(&*payload)),
+        Err(error) => Err(error.share()),
+    }
+}
+
 // --- impl Waiter ---
 
 impl<K, T: Clone> Waiter<K, T> {
@@ -429,8 +441,9 @@ impl<K, T: Clone> Waiter<K, T> {
 
         // Published: take the outcome.
         if state.done {
-            let delivery = state.take_outcome(slot);
+            let (delivery, freed) = state.take_outcome(slot);
             drop(state);
+            drop(freed);
             self.slot = None;
             self.flight
                 .counters()
@@ -455,7 +468,9 @@ impl<K, T: Clone> Waiter<K, T> {
         }
 
         // Someone else drives it: wait to be woken by the outcome.
-        state.wakers.register(slot, cx.waker());
+        let replaced = state.wakers.register(slot, cx.waker());
+        drop(state);
+        drop(replaced);
         Poll::Pending
     }
 
@@ -465,9 +480,10 @@ impl<K, T: Clone> Waiter<K, T> {
     fn put_back(&mut self, call: Call<T>, slot: usize, cx: &mut Context<'_>) -> Poll<Delivery<T>> {
         let mut state = lock(&self.flight.flight.state);
         state.call = Some(call);
-        state.wakers.register(slot, cx.waker());
+        let replaced = state.wakers.register(slot, cx.waker());
         let spawn = state.waiters > 1 && state.hire();
         drop(state);
+        drop(replaced);
         if spawn {
             self.flight.spawn_driver();
         }
@@ -488,10 +504,13 @@ impl<K, T> Waiter<K, T> {
         let seat = &self.flight;
         let shard = seat.shard();
         shard.counters.waiters.fetch_sub(1, Ordering::Relaxed);
+        // Declared before the guards, so dropped after them on every path:
+        // a waker's drop is user code.
+        let _freed;
         let mut map = lock(&shard.map);
         let mut state = lock(&seat.flight.state);
         state.waiters -= 1;
-        state.wakers.remove(slot);
+        _freed = state.wakers.remove(slot);
 
         // Finished already: free the outcome with the last waiter.
         if state.done {
@@ -516,7 +535,7 @@ impl<K, T> Waiter<K, T> {
         // completion; otherwise it is dropped, and its task told to stop. A
         // call being polled right now is dropped by its task, which will find
         // no caller left.
-        if seat.flight.detach && state.hire() {
+        if seat.flight.detach && state.hire_to_complete() {
             drop((state, map));
             return seat.spawn_driver();
         }
@@ -696,22 +715,19 @@ impl<K, T> Seat<K, T> {
         lock(&shard.map).unlink(&self.flight);
 
         // Then store the outcome for the waiters that joined before.
-        let (wakers, shared) = {
+        let (wakers, shared, freed) = {
             let mut state = lock(&self.flight.state);
-            if let Some(slot) = slot {
-                state.wakers.remove(slot);
+            let freed = slot.and_then(|slot| {
                 state.waiters -= 1;
-            }
+                state.wakers.remove(slot)
+            });
             state.done = true;
             if state.waiters > 0 {
-                let copy = match &outcome {
-                    Ok(value) => Ok(value.clone()),
-                    Err(error) => Err(error.share()),
-                };
-                state.outcome = Some(copy);
+                state.outcome = Some(copy(&outcome));
             }
-            (mem::take(&mut state.wakers), state.followers > 0)
+            (mem::take(&mut state.wakers), state.followers > 0, freed)
         };
+        drop(freed);
         shard.counters.flights.fetch_sub(1, Ordering::Relaxed);
         if slot.is_some() {
             shard.counters.waiters.fetch_sub(1, Ordering::Relaxed);
@@ -854,7 +870,8 @@ impl<T> State<T> {
 
     /// Hands a parked call to a task, if the callers drive it. Returns
     /// whether to spawn one: outside a tokio runtime, the callers drive the
-    /// call for good instead.
+    /// call for good instead (a task that could not run would only hand it
+    /// back, over and over).
     fn hire(&mut self) -> bool {
         if !matches!(self.driver, Driving::Callers) || self.call.is_none() {
             return false;
@@ -868,6 +885,16 @@ impl<T> State<T> {
         true
     }
 
+    /// Like [`hire`](Self::hire), for a call to run to completion once its
+    /// last caller has left: callers that once found no runtime do not
+    /// stop a task from being hired now, from a runtime.
+    fn hire_to_complete(&mut self) -> bool {
+        if matches!(self.driver, Driving::NoRuntime) {
+            self.driver = Driving::Callers;
+        }
+        self.hire()
+    }
+
     /// Picks a waiting caller to poll the parked call next, and returns its
     /// waker. It counts as the last poller until it polls, so that if it
     /// leaves first, it hands the call over in turn.
@@ -879,24 +906,21 @@ impl<T> State<T> {
 
     /// Takes this waiter's copy of the published outcome: the last one out
     /// takes the stored value itself.
-    fn take_outcome(&mut self, slot: usize) -> Delivery<T>
+    /// Returns the waiter's freed waker too, for the caller to drop once
+    /// it has let go of the lock.
+    fn take_outcome(&mut self, slot: usize) -> (Delivery<T>, Option<Waker>)
     where
         T: Clone,
     {
-        self.wakers.remove(slot);
+        let freed = self.wakers.remove(slot);
         self.waiters -= 1;
         let outcome = if self.waiters == 0 {
             self.outcome.take()
         } else {
-            self.outcome.as_ref().map(|outcome| match outcome {
-                Ok(value) => Ok(value.clone()),
-                Err(error) => Err(error.share()),
-            })
+            self.outcome.as_ref().map(copy)
         };
-        (
-            outcome.expect("a finished flight with waiters keeps its outcome"),
-            true,
-        )
+        let outcome = outcome.expect("a finished flight with waiters keeps its outcome");
+        ((outcome, true), freed)
     }
 }
 

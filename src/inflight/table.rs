@@ -538,8 +538,8 @@ impl<K, T> Entry<K, T> {
         } = lone;
         let mut state = State::new();
         let slot = state.wakers.insert();
-        if let Some(waker) = &waker {
-            state.wakers.register(slot, waker);
+        if let Some(waker) = waker {
+            state.wakers.put(slot, waker);
         }
         // No call parked: its leader is polling it, or has yet to make it.
         if call.is_none() {

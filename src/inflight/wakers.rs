@@ -1,6 +1,7 @@
 //! The wakers of a flight's waiting callers.
 
 use std::mem;
+use std::panic::{self, AssertUnwindSafe};
 use std::task::Waker;
 
 /// A slab of waiter wakers: a slot per waiting caller, reused once freed.
@@ -54,22 +55,39 @@ impl Wakers {
         self.len - 1
     }
 
-    /// Stores `waker` in `slot`, unless the one there wakes the same task.
-    pub(super) fn register(&mut self, slot: usize, waker: &Waker) {
+    /// Moves `waker` into `slot`, new and empty.
+    pub(super) fn put(&mut self, slot: usize, waker: Waker) {
         if let Some(Slot::Used(stored)) = self.get_mut(slot) {
-            match stored {
-                Some(old) if old.will_wake(waker) => {}
-                _ => *stored = Some(waker.clone()),
-            }
+            debug_assert!(stored.is_none(), "a new slot holds no waker");
+            *stored = Some(waker);
         }
     }
 
-    /// Frees `slot`. After publish there are no slots left to free.
-    pub(super) fn remove(&mut self, slot: usize) {
+    /// Stores `waker` in `slot`, unless the one there wakes the same task.
+    /// Returns the waker it replaced: a waker's drop is user code, for the
+    /// caller to run once it has let go of its locks.
+    #[must_use = "a replaced waker is dropped with no lock held"]
+    pub(super) fn register(&mut self, slot: usize, waker: &Waker) -> Option<Waker> {
+        let Some(Slot::Used(stored)) = self.get_mut(slot) else {
+            return None;
+        };
+        match stored {
+            Some(old) if old.will_wake(waker) => None,
+            _ => stored.replace(waker.clone()),
+        }
+    }
+
+    /// Frees `slot`, returning its waker for the caller to drop with no
+    /// lock held. After publish there are no slots left to free.
+    #[must_use = "a freed slot's waker is dropped with no lock held"]
+    pub(super) fn remove(&mut self, slot: usize) -> Option<Waker> {
         let free = self.free;
-        if let Some(stored) = self.get_mut(slot) {
-            *stored = Slot::Free(free);
-            self.free = Some(slot);
+        let stored = self.get_mut(slot)?;
+        let freed = mem::replace(stored, Slot::Free(free));
+        self.free = Some(slot);
+        match freed {
+            Slot::Used(waker) => waker,
+            Slot::Unused | Slot::Free(_) => None,
         }
     }
 
@@ -86,15 +104,19 @@ impl Wakers {
             })
     }
 
-    /// Wakes every waiting caller.
+    /// Wakes every waiting caller. A waker that panics does not keep the
+    /// others asleep: they are all woken, then the first panic goes on.
     pub(super) fn wake_all(self) {
-        if let Slot::Used(Some(waker)) = self.first {
-            waker.wake();
-        }
-        for slot in self.rest {
+        let mut panicked = None;
+        for slot in std::iter::once(self.first).chain(self.rest) {
             if let Slot::Used(Some(waker)) = slot {
-                waker.wake();
+                if let Err(payload) = panic::catch_unwind(AssertUnwindSafe(|| waker.wake())) {
+                    panicked.get_or_insert(payload);
+                }
             }
+        }
+        if let Some(payload) = panicked {
+            panic::resume_unwind(payload);
         }
     }
 }
