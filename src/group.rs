@@ -57,10 +57,21 @@ use crate::sync::Arc;
 /// # Cancellation
 ///
 /// Dropping a caller's future leaves the flight and changes nothing for the
-/// others. The call runs in the task of one waiter at a time, the leader
-/// first; when that waiter leaves, another one takes it up, without
-/// restarting it. When the last waiter leaves, the call is dropped and the
-/// key freed, unless [`run_to_completion`](Group::run_to_completion) is set.
+/// others. While the leader is alone, the call runs in the leader's task.
+/// Once a follower joins, the call moves to a task of its own, spawned on
+/// the tokio runtime of the caller that hands it over (the follower that
+/// joined, or the leader if it was polling the call just then), and each
+/// waiter is woken once, by the outcome; outside a runtime, the waiters
+/// take turns polling the call instead. Either way, a waiter that leaves
+/// does not restart the call. When the last waiter leaves, the call is
+/// dropped and the key freed, unless
+/// [`run_to_completion`](Group::run_to_completion) is set.
+///
+/// A current-thread runtime runs that task only while something blocks on
+/// the runtime. A follower that joins from one which then goes idle (a
+/// `block_on` with a timeout, from synchronous code, say) leaves the call
+/// unpolled, and its other waiters waiting, until that runtime runs again:
+/// join flights from a current-thread runtime only while it is driven.
 ///
 /// # Panics
 ///
