@@ -42,6 +42,8 @@ pub(super) struct Flights<K, T> {
     free: Option<u32>,
     /// How many slots of `slab` hold an entry.
     used: usize,
+    /// How many slots at the end of `slab` are known to be free.
+    free_tail: usize,
     /// Counters changed with the lock held: all of a lone flight's, and a
     /// follower's arrival.
     pub(super) tally: Tally,
@@ -153,6 +155,7 @@ impl<K: Hash + Eq, T: Clone> Table<K, T> {
                         slab: Vec::new(),
                         free: None,
                         used: 0,
+                        free_tail: 0,
                         tally: Tally::default(),
                         next: 0,
                     }),
@@ -343,13 +346,13 @@ impl<K: Eq, T> Flights<K, T> {
                         Joined::Follow(index, key)
                     };
                 }
-                let index = place(&mut self.slab, &mut self.free);
+                let index = place(&mut self.slab, &mut self.free, &mut self.free_tail);
                 let chain = Some(*head.get());
                 *head.get_mut() = index;
                 (index, chain)
             }
             MapEntry::Vacant(vacant) => {
-                let index = place(&mut self.slab, &mut self.free);
+                let index = place(&mut self.slab, &mut self.free, &mut self.free_tail);
                 vacant.insert(index);
                 (index, None)
             }
@@ -389,16 +392,25 @@ fn find<K: Eq, T>(slab: &[Slot<K, T>], index: u32, key: &K) -> Option<u32> {
     None
 }
 
+/// The slab slots a shard keeps however few flights it holds.
+const KEEP_SLOTS: usize = 64;
+
 /// Takes a free slot, or a new one, and returns its index. The caller
 /// fills it.
-fn place<K, T>(slab: &mut Vec<Slot<K, T>>, free: &mut Option<u32>) -> u32 {
+fn place<K, T>(slab: &mut Vec<Slot<K, T>>, free: &mut Option<u32>, free_tail: &mut usize) -> u32 {
     if let Some(index) = *free {
         let Slot::Free(next) = slab[index as usize] else {
             unreachable!("the free list holds free slots");
         };
         *free = next;
+        // A slot taken from the free run at the end shortens it to the
+        // slots after this one.
+        if *free_tail > 0 {
+            *free_tail = (*free_tail).min(slab.len() - 1 - index as usize);
+        }
         return index;
     }
+    *free_tail = 0;
     slab.push(Slot::Free(None));
     u32::try_from(slab.len() - 1).expect("fewer than 2^32 flights in progress in one shard")
 }
@@ -435,7 +447,7 @@ impl<K, T> Flights<K, T> {
                 Some(next) => *head.get_mut() = next,
                 None => drop(head.remove()),
             }
-            self.shrink_if_empty();
+            self.shrink(index);
             return entry;
         }
         let mut at = *head.get();
@@ -454,15 +466,61 @@ impl<K, T> Flights<K, T> {
         }
     }
 
-    /// Gives back the memory of a burst of flights once the last has
-    /// ended, so that the map's size follows the flights in progress.
-    fn shrink_if_empty(&mut self) {
-        const KEEP: usize = 64;
-        if self.used == 0 && self.slab.capacity() > KEEP {
+    /// Gives back the memory of a burst of flights as it ends, so that the
+    /// map's size follows the flights in progress: all of it once the shard
+    /// holds none; before that, once the free slots at the end of the slab
+    /// are half of it, those slots and the heads' spare room. An entry
+    /// keeps its index for life, so one that outlives a burst at its end
+    /// keeps the slab up to it until it ends.
+    #[inline]
+    fn shrink(&mut self, freed: u32) {
+        // A slab this small is kept: the common case, and a cheap one.
+        if self.slab.capacity() > KEEP_SLOTS {
+            self.shrink_large(freed);
+        }
+    }
+
+    /// [`shrink`](Self::shrink), for a slab larger than the few slots every
+    /// shard may keep. The free run at the end is tracked only here, so it
+    /// may be longer than `free_tail` says: the walk back finds the rest.
+    #[cold]
+    fn shrink_large(&mut self, freed: u32) {
+        const KEEP: usize = KEEP_SLOTS;
+
+        // Grow the known free run at the end, if `freed` borders it.
+        let len = self.slab.len();
+        if freed as usize + 1 + self.free_tail == len {
+            self.free_tail += 1;
+            while self.free_tail < len
+                && matches!(self.slab[len - 1 - self.free_tail], Slot::Free(_))
+            {
+                self.free_tail += 1;
+            }
+        }
+        if self.used == 0 {
             self.slab = Vec::new();
             self.free = None;
             self.heads = HashMap::default();
+            self.free_tail = 0;
+            return;
         }
+        if self.free_tail * 2 < len {
+            return;
+        }
+
+        // Cut the free run, and rebuild the free list over what is left: a
+        // walk of the slab, paid for by the half of it that goes.
+        self.slab.truncate(len - self.free_tail);
+        self.free_tail = 0;
+        self.free = None;
+        for (index, slot) in self.slab.iter_mut().enumerate().rev() {
+            if let Slot::Free(next) = slot {
+                *next = self.free;
+                self.free = Some(u32::try_from(index).expect("slab indices fit in u32"));
+            }
+        }
+        self.slab.shrink_to(self.slab.len().max(KEEP));
+        self.heads.shrink_to(self.heads.len());
     }
 
     /// Every entry, visible or not.
@@ -601,5 +659,41 @@ mod tests {
         drop(tickets);
         assert_eq!(table.len(), 0);
         assert_eq!(capacity(&table), 0, "the slabs were not given back");
+    }
+
+    #[test]
+    fn a_burst_gives_its_memory_back_while_earlier_flights_go_on() {
+        let table = Table::<u32, u32>::new();
+        let start = |key| {
+            let (mut ticket, leads) = table.join(key, false);
+            assert!(leads);
+            ticket.start(std::future::pending::<Result<u32, crate::Error>>);
+            ticket
+        };
+
+        // Flights in every shard that outlive the burst after them.
+        let long: Vec<_> = (0..256).map(start).collect();
+        let burst: Vec<_> = (256..20_256).map(start).collect();
+        assert!(capacity(&table) >= 20_256);
+
+        // The burst ends in the order it came: each shard trims its slab.
+        drop(burst);
+        assert_eq!(table.len(), 256);
+        let kept = capacity(&table);
+        assert!(
+            kept <= 256 * 4 + 64 * 8,
+            "{kept} slots kept for 256 flights"
+        );
+
+        // The earlier flights still end as usual, each shard keeping at
+        // most its few spare slots, and a new burst is served.
+        drop(long);
+        assert_eq!(table.len(), 0);
+        assert!(capacity(&table) <= 64 * table.shards.len());
+        let again: Vec<_> = (0..1_000).map(start).collect();
+        assert_eq!(table.len(), 1_000);
+        drop(again);
+        assert_eq!(table.len(), 0);
+        assert!(capacity(&table) <= 64 * table.shards.len());
     }
 }
