@@ -7,9 +7,10 @@
 use std::future::Future;
 use std::hash::{Hash, Hasher};
 use std::io;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
 use std::sync::Arc;
-use std::task::{Context, Wake, Waker};
+use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
 
 use tower_singleflight::{Group, Role};
@@ -323,4 +324,136 @@ fn a_call_to_run_to_completion_does_so_after_a_follower_joined_outside_a_runtime
     });
     assert_eq!(group.stats().abandoned, 0);
     assert!(group.is_empty());
+}
+
+pin_project_lite::pin_project! {
+    /// A call whose destructor panics.
+    struct PanicsOnDrop<F> {
+        #[pin]
+        call: F,
+    }
+
+    impl<F> PinnedDrop for PanicsOnDrop<F> {
+        fn drop(this: Pin<&mut Self>) {
+            let _ = this;
+            panic!("the call's drop exploded");
+        }
+    }
+}
+
+impl<F: Future> Future for PanicsOnDrop<F> {
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        self.project().call.poll(cx)
+    }
+}
+
+/// A key whose flights can be seen alive: each holds a clone of `alive`.
+#[derive(Clone, Debug)]
+struct Tracked {
+    id: u32,
+    /// Held, not read: a clone per live copy of the key.
+    _alive: Arc<()>,
+}
+
+impl PartialEq for Tracked {
+    fn eq(&self, other: &Self) -> bool {
+        self.id == other.id
+    }
+}
+
+impl Eq for Tracked {}
+
+impl Hash for Tracked {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.id.hash(state);
+    }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_call_whose_drop_panics_after_its_outcome_hurts_no_caller_and_no_other_flight() {
+    let group = Group::<u32, u32>::new();
+
+    // Another flight is in progress in the meantime.
+    let gate = Gate::new();
+    let wait = gate.wait();
+    let mut other = Box::pin(group.run(2, move || async move {
+        wait.await;
+        Ok::<_, io::Error>(2)
+    }));
+    assert!(futures::poll!(other.as_mut()).is_pending());
+
+    // A lone leader's call answers, then panics as it is dropped.
+    let answers = || PanicsOnDrop {
+        call: async { Ok::<_, io::Error>(7) },
+    };
+    let mut lone = Box::pin(group.run(1, answers));
+    assert_eq!(within(lone.as_mut()).await.unwrap(), 7);
+    drop(lone);
+    assert_eq!(group.len(), 1);
+
+    // The other flight goes on untouched, and the key serves again.
+    gate.open();
+    assert_eq!(within(other).await.unwrap(), 2);
+    assert_eq!(within(group.run(1, answers)).await.unwrap(), 7);
+    let stats = group.stats();
+    assert_eq!((group.len(), stats.flights, stats.waiters), (0, 0, 0));
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_call_whose_drop_panics_as_its_last_waiter_leaves_hurts_no_caller_and_ends_its_task() {
+    let group = Group::<Tracked, u32>::new();
+    let alive = Arc::new(());
+    let key = || Tracked {
+        id: 1,
+        _alive: Arc::clone(&alive),
+    };
+
+    // A shared flight, driven by its own task, whose call never answers.
+    let mut leader = Box::pin(group.run(key(), || PanicsOnDrop {
+        call: futures::future::pending::<Result<u32, io::Error>>(),
+    }));
+    assert!(futures::poll!(leader.as_mut()).is_pending());
+    let mut follower = Box::pin(group.run(key(), || async { Ok::<_, io::Error>(0) }));
+    assert!(futures::poll!(follower.as_mut()).is_pending());
+    support::settle().await;
+
+    // Both leave: the call is dropped, and its panic reaches neither.
+    drop(leader);
+    drop(follower);
+    support::settle().await;
+    assert_eq!(Arc::strong_count(&alive), 1, "the flight's task ended");
+    let stats = group.stats();
+    assert_eq!((group.len(), stats.flights, stats.waiters), (0, 0, 0));
+}
+
+#[test]
+fn a_call_whose_drop_panics_after_a_follower_polled_it_to_the_end_hurts_no_one() {
+    returns_in_time("a follower polling the call outside a runtime", || {
+        let group = Group::<u32, u32>::new();
+        let (open, gate) = futures::channel::oneshot::channel::<()>();
+        let mut leader = Box::pin(group.run(1, move || PanicsOnDrop {
+            call: async move {
+                gate.await.unwrap();
+                Ok::<_, io::Error>(7)
+            },
+        }));
+        let noop = futures::task::noop_waker();
+        let mut cx = Context::from_waker(&noop);
+        assert!(leader.as_mut().poll(&mut cx).is_pending());
+        let mut follower = Box::pin(group.run(1, || async { Ok::<_, io::Error>(0) }));
+        assert!(follower.as_mut().poll(&mut cx).is_pending());
+
+        // With no runtime, the follower takes the call up once the leader
+        // leaves, and polls it to its end.
+        drop(leader);
+        open.send(()).unwrap();
+        let got = (0..3).find_map(|_| match follower.as_mut().poll(&mut cx) {
+            Poll::Ready(got) => Some(got),
+            Poll::Pending => None,
+        });
+        assert_eq!(got.expect("the follower finished").unwrap(), 7);
+        assert!(group.is_empty());
+    });
 }

@@ -276,8 +276,10 @@ impl<K, T: Clone> Ticket<K, T> {
                 map.tally.flights -= 1;
                 map.tally.waiters -= 1;
                 drop(map);
-                drop((entry, call));
+                // Done before the drops, which are user code.
                 self.place = Place::Done;
+                drop_quietly(call);
+                drop(entry);
                 Poll::Ready((outcome, false))
             }
 
@@ -291,7 +293,9 @@ impl<K, T: Clone> Ticket<K, T> {
                     Poll::Pending => waiter.put_back(call, 0, cx),
                     Poll::Ready(outcome) => {
                         waiter.slot = None;
-                        Poll::Ready(waiter.flight.publish(outcome, Some(0)))
+                        let delivery = waiter.flight.publish(outcome, Some(0));
+                        drop_quietly(call);
+                        Poll::Ready(delivery)
                     }
                 };
                 self.place = Place::Waiting(waiter);
@@ -362,7 +366,7 @@ impl<K, T> Drop for Ticket<K, T> {
                         drop(map);
                         #[cfg(feature = "tracing")]
                         tracing::trace!(key_hash = hash, "every waiter left; dropping the call");
-                        return drop(entry);
+                        return drop_quietly(entry);
                     }
                 }
             }
@@ -400,6 +404,16 @@ where
             counters.panics.fetch_add(1, Ordering::Relaxed);
             Box::pin(std::future::ready(Err(Error::panicked(&*payload))))
         }
+    }
+}
+
+/// Drops a call that no one will poll again, or an entry that held one.
+/// Its destructor is user code, and the outcome (if any) is already out: a
+/// panic in it reaches no caller.
+fn drop_quietly<D>(value: D) {
+    if panic::catch_unwind(AssertUnwindSafe(|| drop(value))).is_err() {
+        #[cfg(feature = "tracing")]
+        tracing::warn!("a call panicked while it was dropped");
     }
 }
 
@@ -464,7 +478,9 @@ impl<K, T: Clone> Waiter<K, T> {
                 return self.put_back(call, slot, cx);
             };
             self.slot = None;
-            return Poll::Ready(self.flight.publish(outcome, Some(slot)));
+            let delivery = self.flight.publish(outcome, Some(slot));
+            drop_quietly(call);
+            return Poll::Ready(delivery);
         }
 
         // Someone else drives it: wait to be woken by the outcome.
@@ -551,8 +567,8 @@ impl<K, T> Waiter<K, T> {
             seat.abandon(&mut map, &mut state);
         }
         drop((state, map));
-        drop(call);
         task.into_iter().for_each(Waker::wake);
+        drop_quietly(call);
     }
 }
 
@@ -602,6 +618,7 @@ impl<K, T: Clone> Driver<K, T> {
             if let Poll::Ready(outcome) = polled {
                 drop(seat.publish(outcome, None));
                 self.finished = true;
+                drop_quietly(call);
                 return Poll::Ready(());
             }
 
@@ -638,7 +655,7 @@ impl<K, T> Drop for Driver<K, T> {
         let call = state.call.take();
         seat.abandon(&mut map, &mut state);
         drop((state, map));
-        drop(call);
+        drop_quietly(call);
     }
 }
 
@@ -760,7 +777,7 @@ impl<K, T> Seat<K, T> {
             self.abandon(&mut map, &mut state);
         }
         drop((state, map));
-        drop(call);
+        drop_quietly(call);
         true
     }
 
