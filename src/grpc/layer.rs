@@ -91,6 +91,10 @@ impl SingleflightLayer<GrpcKey> {
     /// inner service's request body type: `tonic::body::Body::new` for
     /// tonic.
     ///
+    /// Runs on a tokio runtime with its time driver, as tonic's clients and
+    /// servers do: reading a call's message and honouring its
+    /// `grpc-timeout` wait against deadlines.
+    ///
     /// # Examples
     ///
     /// ```

@@ -97,6 +97,11 @@ impl SingleflightLayer<HttpKey> {
     /// [`DEFAULT_BODY_LIMIT`], and answers its own failures with 500 and 503
     /// responses.
     ///
+    /// Runs on a tokio runtime with its time driver, as `#[tokio::main]` and
+    /// axum's servers have: buffering a response waits against a deadline.
+    /// On a runtime built without it, each coalesced request fails with a
+    /// 500.
+    ///
     /// # Examples
     ///
     /// ```
