@@ -293,9 +293,7 @@ impl<K, T: Clone> Ticket<K, T> {
                     Poll::Pending => waiter.put_back(call, 0, cx),
                     Poll::Ready(outcome) => {
                         waiter.slot = None;
-                        let delivery = waiter.flight.publish(outcome, Some(0));
-                        drop_quietly(call);
-                        Poll::Ready(delivery)
+                        Poll::Ready(waiter.flight.publish(call, outcome, Some(0)))
                     }
                 };
                 self.place = Place::Waiting(waiter);
@@ -478,9 +476,7 @@ impl<K, T: Clone> Waiter<K, T> {
                 return self.put_back(call, slot, cx);
             };
             self.slot = None;
-            let delivery = self.flight.publish(outcome, Some(slot));
-            drop_quietly(call);
-            return Poll::Ready(delivery);
+            return Poll::Ready(self.flight.publish(call, outcome, Some(slot)));
         }
 
         // Someone else drives it: wait to be woken by the outcome.
@@ -616,9 +612,8 @@ impl<K, T: Clone> Driver<K, T> {
             let id = seat.id();
             let polled = scope(id, || seat.counters().poll_call(&mut call, cx));
             if let Poll::Ready(outcome) = polled {
-                drop(seat.publish(outcome, None));
                 self.finished = true;
-                drop_quietly(call);
+                drop(seat.publish(call, outcome, None));
                 return Poll::Ready(());
             }
 
@@ -721,9 +716,10 @@ impl<K, T> Seat<K, T> {
         drop((self.flight.spawn)(driver));
     }
 
-    /// Hands out the flight's outcome to every waiter and frees the key.
-    /// `slot` is the publishing caller's, if a caller publishes.
-    fn publish(&self, outcome: Result<T, Error>, slot: Option<usize>) -> Delivery<T>
+    /// Hands out the flight's outcome to every waiter and frees the key,
+    /// then drops the call that made it. `slot` is the publishing caller's,
+    /// if a caller publishes.
+    fn publish(&self, call: Call<T>, outcome: Result<T, Error>, slot: Option<usize>) -> Delivery<T>
     where
         T: Clone,
     {
@@ -758,8 +754,13 @@ impl<K, T> Seat<K, T> {
             );
         }
 
-        // Wake outside the lock: a waker may run arbitrary code.
-        wakers.wake_all();
+        // Wake outside the lock: a waker may run arbitrary code. The call
+        // goes once everyone is woken, even by a waker that panicked.
+        let panicked = wakers.wake_all();
+        drop_quietly(call);
+        if let Some(payload) = panicked {
+            panic::resume_unwind(payload);
+        }
         (outcome, shared)
     }
 

@@ -447,23 +447,24 @@ impl<K, T> Flights<K, T> {
                 Some(next) => *head.get_mut() = next,
                 None => drop(head.remove()),
             }
-            self.shrink(index);
-            return entry;
-        }
-        let mut at = *head.get();
-        loop {
-            let Slot::Used(_, after) = &mut self.slab[at as usize] else {
-                unreachable!("a chain holds used slots");
-            };
-            match *after {
-                Some(after_index) if after_index == index => {
-                    *after = next;
-                    return entry;
+        } else {
+            let mut at = *head.get();
+            loop {
+                let Slot::Used(_, after) = &mut self.slab[at as usize] else {
+                    unreachable!("a chain holds used slots");
+                };
+                match *after {
+                    Some(after_index) if after_index == index => {
+                        *after = next;
+                        break;
+                    }
+                    Some(after_index) => at = after_index,
+                    None => unreachable!("a used slot is chained"),
                 }
-                Some(after_index) => at = after_index,
-                None => unreachable!("a used slot is chained"),
             }
         }
+        self.shrink(index);
+        entry
     }
 
     /// Gives back the memory of a burst of flights as it ends, so that the
@@ -485,8 +486,6 @@ impl<K, T> Flights<K, T> {
     /// may be longer than `free_tail` says: the walk back finds the rest.
     #[cold]
     fn shrink_large(&mut self, freed: u32) {
-        const KEEP: usize = KEEP_SLOTS;
-
         // Grow the known free run at the end, if `freed` borders it.
         let len = self.slab.len();
         if freed as usize + 1 + self.free_tail == len {
@@ -519,7 +518,7 @@ impl<K, T> Flights<K, T> {
                 self.free = Some(u32::try_from(index).expect("slab indices fit in u32"));
             }
         }
-        self.slab.shrink_to(self.slab.len().max(KEEP));
+        self.slab.shrink_to(self.slab.len().max(KEEP_SLOTS));
         self.heads.shrink_to(self.heads.len());
     }
 

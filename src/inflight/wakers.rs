@@ -1,5 +1,6 @@
 //! The wakers of a flight's waiting callers.
 
+use std::any::Any;
 use std::mem;
 use std::panic::{self, AssertUnwindSafe};
 use std::task::Waker;
@@ -105,8 +106,10 @@ impl Wakers {
     }
 
     /// Wakes every waiting caller. A waker that panics does not keep the
-    /// others asleep: they are all woken, then the first panic goes on.
-    pub(super) fn wake_all(self) {
+    /// others asleep: they are all woken, and the first panic is handed
+    /// back, for the caller to resume once it has finished its own work.
+    #[must_use = "a waker's panic is resumed by the caller"]
+    pub(super) fn wake_all(self) -> Option<Box<dyn Any + Send>> {
         let mut panicked = None;
         for slot in std::iter::once(self.first).chain(self.rest) {
             if let Slot::Used(Some(waker)) = slot {
@@ -115,8 +118,6 @@ impl Wakers {
                 }
             }
         }
-        if let Some(payload) = panicked {
-            panic::resume_unwind(payload);
-        }
+        panicked
     }
 }
