@@ -136,9 +136,23 @@ impl Clone for Brittle {
     }
 }
 
+impl Brittle {
+    /// What a caller got: its value, or the message of its panic error.
+    fn value(outcome: Result<Self, tower_singleflight::Error>) -> Result<u32, String> {
+        outcome.map(|brittle| brittle.value).map_err(|error| {
+            assert!(error.is_panic(), "{error}");
+            error.panic_message().unwrap_or_default().to_owned()
+        })
+    }
+}
+
 /// Runs a flight of `callers` tasks whose value's `panic_at`-th clone
-/// panics, and returns what each caller got: its value or its error.
-async fn flight_of_brittle_values(callers: usize, panic_at: usize) -> Vec<Result<u32, String>> {
+/// panics, and returns what each caller got (its value or its error) and
+/// how many clones were made.
+async fn flight_of_brittle_values(
+    callers: usize,
+    panic_at: usize,
+) -> (Vec<Result<u32, String>>, usize) {
     let group: Group<u32, Brittle> = Group::new();
     let gate = Gate::new();
     let clones = Arc::new(AtomicUsize::new(0));
@@ -160,21 +174,25 @@ async fn flight_of_brittle_values(callers: usize, panic_at: usize) -> Vec<Result
     let mut got = Vec::new();
     for task in tasks {
         let outcome = within(task).await.expect("no caller's task panics");
-        got.push(outcome.map(|brittle| brittle.value).map_err(|error| {
-            assert!(error.is_panic(), "{error}");
-            error.panic_message().unwrap_or_default().to_owned()
-        }));
+        got.push(Brittle::value(outcome));
     }
     let stats = group.stats();
     assert_eq!((group.len(), stats.flights, stats.waiters), (0, 0, 0));
-    got
+    (got, clones.load(SeqCst))
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_task_that_publishes_hands_the_waiters_its_outcome_and_no_copy_of_its_own() {
+    // Each waiter but the last out copies the outcome; the last takes it.
+    let (got, clones) = flight_of_brittle_values(3, usize::MAX).await;
+    assert_eq!(got, [Ok(7), Ok(7), Ok(7)]);
+    assert_eq!(clones, 2);
 }
 
 #[tokio::test(flavor = "current_thread", start_paused = true)]
 async fn a_clone_that_panics_for_one_waiter_reaches_that_waiter_alone() {
-    // The first clone is the copy kept for the waiters when the outcome is
-    // published; the second is the first waiter's own.
-    let got = flight_of_brittle_values(3, 2).await;
+    // A task publishes the outcome, so every clone is a waiter's own.
+    let (got, _) = flight_of_brittle_values(3, 2).await;
     let failed: Vec<_> = got.iter().filter_map(|got| got.as_ref().err()).collect();
     assert_eq!(failed, ["clone 2 exploded"], "{got:?}");
     assert_eq!(
@@ -184,19 +202,34 @@ async fn a_clone_that_panics_for_one_waiter_reaches_that_waiter_alone() {
     );
 }
 
-#[tokio::test(flavor = "current_thread", start_paused = true)]
-async fn a_clone_that_panics_while_the_outcome_is_published_hangs_no_one() {
-    // The copy kept for the waiters panics: each of them gets the panic (a
-    // caller that published the outcome itself would keep the value; here
-    // a task of the flight's own did).
-    let got = flight_of_brittle_values(3, 1).await;
-    assert!(got.iter().any(Result::is_err), "{got:?}");
-    for outcome in &got {
-        match outcome {
-            Ok(value) => assert_eq!(*value, 7),
-            Err(message) => assert_eq!(message, "clone 1 exploded"),
-        }
-    }
+#[test]
+fn a_clone_that_panics_while_a_caller_publishes_reaches_the_others_alone() {
+    // With no runtime, the callers drive the call, and the leader that
+    // polled it last publishes: it keeps the outcome, and the copy kept for
+    // the others panics. Each of them gets the panic; no one hangs.
+    returns_in_time("a flight whose published copy panics", || {
+        let group: Group<u32, Brittle> = Group::new();
+        let gate = Gate::new();
+        let clones = Arc::new(AtomicUsize::new(0));
+        let caller = || {
+            let (wait, clones) = (gate.wait(), Arc::clone(&clones));
+            group.run(1, move || async move {
+                wait.await;
+                Ok::<_, io::Error>(Brittle {
+                    value: 7,
+                    clones,
+                    panic_at: 1,
+                })
+            })
+        };
+        let (leader, first, second, ()) = futures::executor::block_on(async {
+            futures::join!(caller(), caller(), caller(), async { gate.open() })
+        });
+        let got = [leader, first, second].map(Brittle::value);
+        let failed = Err("clone 1 exploded".to_owned());
+        assert_eq!(got, [Ok(7), failed.clone(), failed]);
+        assert_eq!(group.len(), 0);
+    });
 }
 
 #[tokio::test(flavor = "current_thread", start_paused = true)]

@@ -10,11 +10,12 @@
 //! *shared*: the call and the leader's waker move into a [`Flight`] of their
 //! own, which the leader finds in its entry at its next poll.
 //!
-//! In a shared flight, the waiter whose seat is `Driving` owns the inner
-//! call and polls it in its own task; every other waiter waits with a
-//! registered waker and is woken once, when the outcome is published. A
-//! driver that leaves parks the call in the flight and wakes one waiter to
-//! take it up, so the call survives as long as anyone waits for it.
+//! In a shared flight, a [`Driver`] task of the flight's own polls the
+//! call, and every waiter waits with a registered waker and is woken once,
+//! when the outcome is published. Where no task can be spawned, the callers
+//! take turns instead: the one the call wakes polls it, and one that leaves
+//! wakes another to take it up, so the call survives as long as anyone
+//! waits for it.
 //!
 //! Lock order: a shard's map, then a flight's state. No lock is held while
 //! the inner call is made, polled or dropped, or while a waker runs. An
@@ -293,7 +294,7 @@ impl<K, T: Clone> Ticket<K, T> {
                     Poll::Pending => waiter.put_back(call, 0, cx),
                     Poll::Ready(outcome) => {
                         waiter.slot = None;
-                        Poll::Ready(waiter.flight.publish(call, outcome, Some(0)))
+                        Poll::Ready(waiter.flight.deliver(call, outcome, 0))
                     }
                 };
                 self.place = Place::Waiting(waiter);
@@ -476,7 +477,7 @@ impl<K, T: Clone> Waiter<K, T> {
                 return self.put_back(call, slot, cx);
             };
             self.slot = None;
-            return Poll::Ready(self.flight.publish(call, outcome, Some(slot)));
+            return Poll::Ready(self.flight.deliver(call, outcome, slot));
         }
 
         // Someone else drives it: wait to be woken by the outcome.
@@ -716,13 +717,33 @@ impl<K, T> Seat<K, T> {
         drop((self.flight.spawn)(driver));
     }
 
-    /// Hands out the flight's outcome to every waiter and frees the key,
-    /// then drops the call that made it. `slot` is the publishing caller's,
-    /// if a caller publishes.
-    fn publish(&self, call: Call<T>, outcome: Result<T, Error>, slot: Option<usize>) -> Delivery<T>
+    /// Publishes the outcome for the caller in `slot`, and hands it its own.
+    fn deliver(&self, call: Call<T>, outcome: Result<T, Error>, slot: usize) -> Delivery<T>
     where
         T: Clone,
     {
+        let (outcome, shared) = self.publish(call, outcome, Some(slot));
+        let outcome = outcome.expect("a publishing caller keeps its outcome");
+        (outcome, shared)
+    }
+
+    /// Hands out the flight's outcome to every waiter and frees the key,
+    /// then drops the call that made it. `slot` is the publishing caller's,
+    /// if a caller publishes: it keeps the outcome, and the waiters get a
+    /// copy. A task that publishes gives them the outcome itself. Returns
+    /// what the publisher kept, and whether the flight had followers.
+    fn publish(
+        &self,
+        call: Call<T>,
+        outcome: Result<T, Error>,
+        slot: Option<usize>,
+    ) -> (Option<Result<T, Error>>, bool)
+    where
+        T: Clone,
+    {
+        #[cfg(feature = "tracing")]
+        let failed = outcome.is_err();
+        let mut outcome = Some(outcome);
         // Free the key first: from here on, a new caller starts a new flight.
         let shard = self.shard();
         lock(&shard.map).unlink(&self.flight);
@@ -736,7 +757,10 @@ impl<K, T> Seat<K, T> {
             });
             state.done = true;
             if state.waiters > 0 {
-                state.outcome = Some(copy(&outcome));
+                state.outcome = match slot {
+                    Some(_) => outcome.as_ref().map(copy),
+                    None => outcome.take(),
+                };
             }
             (mem::take(&mut state.wakers), state.followers > 0, freed)
         };
@@ -747,7 +771,7 @@ impl<K, T> Seat<K, T> {
         }
 
         #[cfg(feature = "tracing")]
-        if outcome.is_err() && shared {
+        if failed && shared {
             tracing::debug!(
                 key_hash = self.flight.hash,
                 "shared call failed; fanning out"
