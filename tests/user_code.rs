@@ -32,52 +32,90 @@ fn returns_in_time(what: &str, f: impl FnOnce() + Send + 'static) {
         .unwrap_or_else(|_| panic!("{what}: deadlocked or panicked"));
 }
 
-#[test]
-fn a_follower_key_whose_drop_asks_the_group_about_itself_does_not_deadlock() {
-    /// A key that, when dropped, reads the group it was given.
-    struct Key {
-        id: u32,
-        on_drop: Option<Group<Key, u32>>,
-    }
-    impl PartialEq for Key {
-        fn eq(&self, other: &Self) -> bool {
-            self.id == other.id
-        }
-    }
-    impl Eq for Key {}
-    impl Hash for Key {
-        fn hash<H: Hasher>(&self, state: &mut H) {
-            self.id.hash(state);
-        }
-    }
-    impl Drop for Key {
-        fn drop(&mut self) {
-            if let Some(group) = self.on_drop.take() {
-                assert_eq!(group.len(), 1);
-                assert_eq!(group.stats().flights, 1);
-            }
-        }
+/// A key compared by `id`, whose drop runs `on_drop`: user code the crate
+/// runs when it lets go of a follower's key.
+struct Key {
+    id: u32,
+    on_drop: Option<Box<dyn FnOnce() + Send + Sync>>,
+}
+
+impl Key {
+    fn new(id: u32) -> Self {
+        Self { id, on_drop: None }
     }
 
+    fn on_drop(id: u32, f: impl FnOnce() + Send + Sync + 'static) -> Self {
+        let on_drop: Option<Box<dyn FnOnce() + Send + Sync>> = Some(Box::new(f));
+        Self { id, on_drop }
+    }
+}
+
+impl PartialEq for Key {
+    fn eq(&self, other: &Self) -> bool {
+        self.id == other.id
+    }
+}
+
+impl Eq for Key {}
+
+impl Hash for Key {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.id.hash(state);
+    }
+}
+
+impl Drop for Key {
+    fn drop(&mut self) {
+        if let Some(on_drop) = self.on_drop.take() {
+            on_drop();
+        }
+    }
+}
+
+#[test]
+fn a_follower_key_whose_drop_asks_the_group_about_itself_does_not_deadlock() {
     returns_in_time("a follower's key dropped on joining", || {
         let group = Group::<Key, u32>::new();
         let leader = group.run(
-            Key {
-                id: 1,
-                on_drop: None,
-            },
+            Key::new(1),
             futures::future::pending::<Result<u32, io::Error>>,
         );
         // The follower's key is not kept: the flight has the leader's.
-        let key = Key {
-            id: 1,
-            on_drop: Some(group.clone()),
-        };
+        let nosy = group.clone();
+        let key = Key::on_drop(1, move || {
+            assert_eq!(nosy.len(), 1);
+            assert_eq!(nosy.stats().flights, 1);
+        });
         let follower = group.run(key, || async { Ok::<_, io::Error>(0) });
         assert_eq!(follower.role(), Role::Follower);
         drop((follower, leader));
         assert!(group.is_empty());
     });
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_follower_key_whose_drop_panics_leaves_the_flight_whole() {
+    let group = Group::<Key, u32>::new();
+    let gate = Gate::new();
+    let wait = gate.wait();
+    let leader = tokio::spawn(group.run(Key::new(1), move || async move {
+        wait.await;
+        Ok::<_, io::Error>(7)
+    }));
+    support::settle().await;
+
+    // The panic reaches the caller whose key it was, and only it: the
+    // leader's parked call still gets a task to drive it, and the follower
+    // counts itself out.
+    let key = Key::on_drop(1, || panic!("key exploded"));
+    let joined = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        drop(group.run(key, || async { Ok::<_, io::Error>(0) }));
+    }));
+    assert!(joined.is_err(), "the key's panic reaches its caller");
+    gate.open();
+    assert_eq!(within(leader).await.unwrap().unwrap(), 7);
+    let stats = group.stats();
+    assert_eq!((group.len(), stats.flights, stats.waiters), (0, 0, 0));
 }
 
 #[test]

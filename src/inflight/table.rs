@@ -243,8 +243,6 @@ impl<K: Hash + Eq, T: Clone> Table<K, T> {
         };
         map.tally.followers += 1;
         drop(guard);
-        // The caller's own key goes with no lock held: its drop is user code.
-        drop(key);
         shard.counters.waiters.fetch_add(1, Ordering::Relaxed);
         #[cfg(feature = "tracing")]
         tracing::trace!(key_hash = hash, "joined a flight in progress as a follower");
@@ -255,6 +253,10 @@ impl<K: Hash + Eq, T: Clone> Table<K, T> {
         if spawn {
             ticket.spawn_driver();
         }
+
+        // The caller's own key goes last, with no lock held: its drop is
+        // user code, and if it panics, the ticket's drop leaves the flight.
+        drop(key);
         (ticket, false)
     }
 
