@@ -108,7 +108,9 @@ where
         work: Option<W>,
         limit: Option<(Duration, OnWaitLimit)>,
     ) -> Self {
-        let limit = limit.map(|(limit, then)| (Instant::now() + limit, then));
+        // A limit too far off to name as an instant is no limit.
+        let limit =
+            limit.and_then(|(limit, then)| Some((Instant::now().checked_add(limit)?, then)));
         let state = State::Follow {
             ticket,
             work,

@@ -250,7 +250,8 @@ impl<K, T> Group<K, T> {
     ///
     /// The limit counts from the moment the follower joined. The flight and
     /// its other waiters are unaffected. Leaders have no limit. Needs a tokio
-    /// runtime with its time driver.
+    /// runtime with its time driver. A limit too long to add to the current
+    /// time, such as [`Duration::MAX`], is no limit.
     pub fn follower_wait_limit(mut self, limit: Duration, then: OnWaitLimit) -> Self {
         self.config.wait_limit = Some((limit, then));
         self

@@ -761,6 +761,26 @@ async fn a_follower_reaching_its_wait_limit_can_make_an_unshared_call_of_its_own
 }
 
 #[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_wait_limit_too_long_to_name_as_an_instant_is_no_limit() {
+    let group = Group::<&str, u32>::new();
+    let (calls, gate) = (Arc::new(Calls::default()), Gate::new());
+    let leader = tokio::spawn(group.run("k", calls.gated(&gate, 7)));
+    settle().await;
+
+    // Both ways to act on the limit: the follower joins, and waits on.
+    for then in [OnWaitLimit::Fail, OnWaitLimit::CallOwn] {
+        let patient = group.clone().follower_wait_limit(Duration::MAX, then);
+        let mut follower = tokio_test::task::spawn(patient.run("k", calls.ready(0)));
+        assert_pending!(follower.poll());
+        tokio::time::advance(Duration::from_secs(100 * 365 * 24 * 3600)).await;
+        assert_pending!(follower.poll());
+    }
+    assert_eq!((calls.started(), group.stats().waiters), (1, 1));
+    gate.open();
+    assert_eq!(within(leader).await.unwrap().unwrap(), 7);
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
 async fn through_the_layer_a_follower_past_its_limit_sends_its_own_request() {
     // An inner service that records requests; the first one never ends.
     let seen = Arc::new(Mutex::new(Vec::new()));

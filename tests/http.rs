@@ -898,6 +898,42 @@ async fn a_body_slower_than_the_buffering_wait_streams_to_the_leader_and_followe
 }
 
 #[tokio::test(flavor = "current_thread")]
+async fn a_buffering_wait_too_long_to_name_as_an_instant_is_no_limit() {
+    bounded(async {
+        // A body that takes about 500 ms to stream, and no buffering wait.
+        let calls = Arc::new(AtomicUsize::new(0));
+        let counter = Arc::clone(&calls);
+        let slow = move || {
+            counter.fetch_add(1, Ordering::SeqCst);
+            async {
+                let chunks = futures::stream::iter(0..2).then(|n| async move {
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                    Ok::<_, Infallible>(Frame::data(Bytes::from(format!("part {n};"))))
+                });
+                Response::new(Body::new(StreamBody::new(chunks)))
+            }
+        };
+        let layer = SingleflightLayer::http()
+            .buffer_wait(Duration::MAX)
+            .role_header(true);
+        let app: Router = Router::new().route("/slow", get(slow)).layer(layer);
+        let addr = serve(app).await;
+
+        // The body is read whole and shared, however long it takes.
+        let client = client();
+        let tasks = burst(3, &client, || request(Method::GET, addr, "/slow")).await;
+        let replies = replies(tasks).await;
+        for reply in &replies {
+            assert_eq!(reply.status, StatusCode::OK);
+            assert_eq!(reply.text(), "part 0;part 1;");
+        }
+        assert_eq!(roles(&replies), ["follower", "leader"]);
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "current_thread")]
 async fn clones_of_a_layer_with_other_keys_or_settings_work_side_by_side() {
     bounded(async {
         // One base layer; a clone with another key type, and a clone with a

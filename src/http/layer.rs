@@ -189,7 +189,8 @@ impl<K, G> HttpLayer<K, G> {
     /// hold it for ever. Past the wait, the leader gets the response
     /// streamed, what was read first, and each follower makes its own
     /// call. Responses of type `text/event-stream` are never buffered.
-    /// Needs tokio's time driver.
+    /// Needs tokio's time driver, unless the wait is too long to add to the
+    /// current time (such as [`Duration::MAX`]): then there is no limit.
     pub fn buffer_wait(mut self, wait: Duration) -> Self {
         Arc::make_mut(&mut self.settings).buffer_wait = wait;
         self

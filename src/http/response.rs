@@ -96,9 +96,14 @@ impl<B: Body> FlightResponse<B> {
         let mut read = VecDeque::new();
         let mut len = 0;
         let mut trailers = None;
-        let deadline = tokio::time::Instant::now() + settings.buffer_wait;
+        // A wait too long to name as an instant is no limit.
+        let deadline = tokio::time::Instant::now().checked_add(settings.buffer_wait);
         loop {
-            let frame = match tokio::time::timeout_at(deadline, body.frame()).await {
+            let frame = match deadline {
+                Some(deadline) => tokio::time::timeout_at(deadline, body.frame()).await,
+                None => Ok(body.frame().await),
+            };
+            let frame = match frame {
                 Err(_) => return Self::private(parts, ResponseBody::resume(read, Ok(body))),
                 Ok(None) => break,
                 Ok(Some(Ok(frame))) => frame,
