@@ -222,11 +222,8 @@ where
 
                 // The unshared call, with the same error and panic handling.
                 StateProj::Own { call } => {
-                    let outcome = match panic::catch_unwind(AssertUnwindSafe(|| call.poll(cx))) {
-                        Ok(Poll::Pending) => return Poll::Pending,
-                        Ok(Poll::Ready(outcome)) => outcome.map_err(Error::inner_error),
-                        Err(payload) => Err(Error::panicked(&*payload)),
-                    };
+                    let outcome = ready!(poll_caught(call, cx))
+                        .and_then(|outcome| outcome.map_err(Error::inner_error));
                     this.state.set(State::Done);
                     return Poll::Ready(outcome);
                 }
@@ -234,6 +231,18 @@ where
                 StateProj::Done => panic!("`Run` polled after it completed"),
             }
         }
+    }
+}
+
+/// Polls a follower's own call, turning a panic into a panic error, as the
+/// flight's call would have.
+pub(crate) fn poll_caught<F: Future>(
+    call: Pin<&mut F>,
+    cx: &mut Context<'_>,
+) -> Poll<Result<F::Output, Error>> {
+    match panic::catch_unwind(AssertUnwindSafe(|| call.poll(cx))) {
+        Ok(polled) => polled.map(Ok),
+        Err(payload) => Poll::Ready(Err(Error::panicked(&*payload))),
     }
 }
 

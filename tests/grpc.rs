@@ -920,6 +920,68 @@ async fn calls_made_with_flag(flag: u8) -> usize {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_whose_own_call_panics_gets_internal_like_any_waiter() {
+    use tower::ServiceExt;
+
+    bounded(async {
+        // The first call answers with two messages, which are never shared;
+        // each follower's own call then panics.
+        let group = GrpcGroup::new();
+        let made = Arc::new(AtomicUsize::new(0));
+        let (open, gate) = watch::channel(false);
+        let inner = {
+            let made = Arc::clone(&made);
+            tower::service_fn(move |_req: http::Request<Body>| {
+                let first = made.fetch_add(1, Ordering::SeqCst) == 0;
+                let mut gate = gate.clone();
+                async move {
+                    assert!(first, "the service fell over");
+                    gate.wait_for(|open| *open).await.expect("the gate stays");
+                    let two = Bytes::from_static(&[0, 0, 0, 0, 1, b'a', 0, 0, 0, 0, 1, b'b']);
+                    let reply = http::Response::builder()
+                        .header("content-type", "application/grpc")
+                        .header("grpc-status", "0")
+                        .body(Body::new(http_body_util::Full::new(two)))
+                        .expect("a response");
+                    Ok::<_, Infallible>(reply)
+                }
+            })
+        };
+        let layer = SingleflightLayer::grpc(Body::new as MakeBody).with_group(group.clone());
+        let svc = ServiceBuilder::new().layer(layer).service(inner);
+        let request = || {
+            let frame = Bytes::from_static(&[0, 0, 0, 0, 2, b'h', b'i']);
+            http::Request::post("http://localhost/echo.Echo/Get")
+                .header("content-type", "application/grpc")
+                .header("te", "trailers")
+                .body(Body::new(http_body_util::Full::new(frame)))
+                .expect("a request")
+        };
+        let tasks: Vec<_> = (0..3)
+            .map(|_| tokio::spawn(svc.clone().oneshot(request())))
+            .collect();
+        until(|| group.stats().waiters == 3).await;
+        open.send(true).expect("a receiver");
+
+        // The leader gets its stream; each follower, INTERNAL.
+        let mut statuses = Vec::new();
+        for task in tasks {
+            let res = task.await.expect("no caller's task panics");
+            let res = res.expect("a response");
+            let status = res.headers().get("grpc-status").cloned();
+            statuses.push(status.map_or("0 in trailers".to_owned(), |s| {
+                s.to_str().expect("ASCII").to_owned()
+            }));
+        }
+        statuses.sort_unstable();
+        assert_eq!(statuses, ["0", "13", "13"]);
+        assert_eq!(made.load(Ordering::SeqCst), 3);
+        assert!(group.is_empty());
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_with_an_undefined_compression_flag_is_never_coalesced() {
     bounded(async {
         assert_eq!(calls_made_with_flag(0).await, 1, "plain messages coalesce");

@@ -585,6 +585,43 @@ async fn a_panicking_handler_answers_500_to_every_waiter_and_the_next_request_su
 }
 
 #[tokio::test(flavor = "current_thread")]
+async fn a_follower_whose_own_call_panics_gets_500_like_any_waiter() {
+    bounded(async {
+        // The first call opens a session, which is never shared; each
+        // follower's own call then panics.
+        let (backend, open) = Backend::new();
+        let handler = |State(backend): State<Backend>| async move {
+            if backend.call().await > 1 {
+                panic!("the handler fell over");
+            }
+            ([(header::SET_COOKIE, "session=1")], "session=1")
+        };
+        let group = HttpGroup::new();
+        let layer = SingleflightLayer::http()
+            .with_group(group.clone())
+            .role_header(true);
+        let app = Router::new().route("/login", get(handler)).layer(layer);
+        let addr = serve(app.with_state(backend.clone())).await;
+
+        let client = client();
+        let tasks = burst(3, &client, || request(Method::GET, addr, "/login")).await;
+        until(|| group.stats().waiters == 3).await;
+        open.send_replace(true);
+        let mut replies = replies(tasks).await;
+        replies.sort_by_key(|reply| reply.status);
+        let statuses: Vec<_> = replies.iter().map(|reply| reply.status).collect();
+        assert_eq!(statuses, [200, 500, 500]);
+        assert_eq!(replies[0].text(), "session=1");
+        assert!(replies[1..]
+            .iter()
+            .all(|r| r.header(ROLE_HEADER) == "fallback"));
+        assert_eq!(backend.calls(), 3);
+        assert!(group.is_empty());
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "current_thread")]
 async fn a_follower_past_its_wait_limit_gets_503_while_the_leader_still_succeeds() {
     bounded(async {
         let (backend, open) = Backend::new();

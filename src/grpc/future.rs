@@ -16,7 +16,7 @@ use tower::ServiceExt;
 use tower_service::Service;
 
 use crate::error::{BoxError, Error};
-use crate::future::Run;
+use crate::future::{poll_caught, Run};
 use crate::group::{Group, Role, Work};
 use crate::grpc::body::RequestBody;
 use crate::grpc::key::UnaryCall;
@@ -223,9 +223,19 @@ where
                     });
                 }
 
-                // A call of its own, streamed as it comes.
+                // A call of its own, streamed as it comes. A follower's
+                // answers a panic as the flight's call would; a call passed
+                // through is the inner service's alone.
                 StateProj::Own { call } => {
-                    let res = ready!(call.poll(cx)).map_err(Into::into);
+                    let res = if *this.role == Some(Role::Fallback) {
+                        match ready!(poll_caught(call, cx)) {
+                            Ok(res) => res,
+                            Err(panic) => break Ok((status::failure(panic), false)),
+                        }
+                    } else {
+                        ready!(call.poll(cx))
+                    };
+                    let res = res.map_err(Into::into);
                     break res.map(|res| (res.map(ResponseBody::pass), false));
                 }
 

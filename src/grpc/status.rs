@@ -34,12 +34,13 @@ pub(crate) fn deadline_exceeded<B: Body>(following: bool) -> Response<ResponseBo
 }
 
 /// The layer's own failure: `UNAVAILABLE` for a wait limit, `INTERNAL` for
-/// anything else (a panic). It carries `error` as an `Arc<Error>` extension.
+/// anything else (a panic, in the shared call or in a follower's own). It
+/// carries `error` as an `Arc<Error>` extension.
 pub(crate) fn failure<B: Body>(error: Error) -> Response<ResponseBody<B>> {
     let mut res = if error.is_wait_limit() {
         status(UNAVAILABLE, "timed out waiting for a shared call")
     } else {
-        status(INTERNAL, "the shared call failed")
+        status(INTERNAL, "the call panicked")
     };
     res.extensions_mut().insert(Arc::new(error));
     res

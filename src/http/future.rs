@@ -15,7 +15,7 @@ use tower::ServiceExt;
 use tower_service::Service;
 
 use crate::error::Error;
-use crate::future::Run;
+use crate::future::{poll_caught, Run};
 use crate::group::{Role, Work};
 use crate::http::body::ResponseBody;
 use crate::http::error::{failure_response, HttpError};
@@ -204,9 +204,19 @@ where
                     this.state.set(State::Own { call });
                 }
 
-                // An unshared call's response, streamed as it comes.
+                // An unshared call's response, streamed as it comes. A
+                // follower's own call answers a panic as the flight's would;
+                // a request without a key is the inner service's alone.
                 StateProj::Own { call } => {
-                    let res = ready!(call.poll(cx)).map_err(HttpError::unshared);
+                    let res = if *this.role == Role::Fallback {
+                        match ready!(poll_caught(call, cx)) {
+                            Ok(res) => res,
+                            Err(panic) => break Ok((failure_response(panic), false)),
+                        }
+                    } else {
+                        ready!(call.poll(cx))
+                    };
+                    let res = res.map_err(HttpError::unshared);
                     break res.map(|res| (res.map(ResponseBody::pass), false));
                 }
 
