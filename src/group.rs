@@ -423,8 +423,23 @@ impl fmt::Debug for OwnGroup {
     }
 }
 
-mod sealed {
-    pub trait Sealed {}
-    impl Sealed for super::OwnGroup {}
+pub(crate) mod sealed {
+    /// What a layer's builder methods need of its group: a way to leave it.
+    pub trait Sealed {
+        /// Called as a layer's settings change: an [`OwnGroup`] makes a
+        /// new, empty group, so that services whose layers differ in
+        /// settings never share a flight. A group the user handed over
+        /// stays: sharing it was asked for.
+        ///
+        /// [`OwnGroup`]: super::OwnGroup
+        fn settings_changed(&mut self) {}
+    }
+
+    impl Sealed for super::OwnGroup {
+        fn settings_changed(&mut self) {
+            *self = self.fresh();
+        }
+    }
+
     impl<K, T> Sealed for super::Group<K, T> {}
 }

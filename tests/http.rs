@@ -26,7 +26,7 @@ use hyper_util::rt::TokioExecutor;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
-use tower::{BoxError, ServiceBuilder, ServiceExt};
+use tower::{BoxError, Layer, ServiceBuilder, ServiceExt};
 use tower_singleflight::http::{Coalescing, FlightResponse, HttpKey, RequestKey, ROLE_HEADER};
 use tower_singleflight::{Group, OnWaitLimit, Role, SingleflightLayer};
 
@@ -966,6 +966,62 @@ async fn a_buffering_wait_too_long_to_name_as_an_instant_is_no_limit() {
         }
         assert_eq!(roles(&replies), ["follower", "leader"]);
         assert_eq!(calls.load(Ordering::SeqCst), 1);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_clone_given_other_settings_or_another_key_never_joins_the_originals_flights() {
+    bounded(async {
+        // Called straight, with no server: two services behind clones of
+        // one layer, on one path. The original's call waits at a gate.
+        let get = || {
+            Request::get("http://localhost/x")
+                .body(Body::empty())
+                .unwrap()
+        };
+        let answer = |text: &'static str| {
+            tower::service_fn(move |_: Request<Body>| async move {
+                Ok::<_, Infallible>(Response::new(Body::from(text)))
+            })
+        };
+        let (open, gate) = watch::channel(false);
+        let gated = tower::service_fn(move |_: Request<Body>| {
+            let mut gate = gate.clone();
+            async move {
+                gate.wait_for(|open| *open).await.expect("the gate stays");
+                Ok::<_, Infallible>(Response::new(Body::from("original")))
+            }
+        });
+        let base = SingleflightLayer::http();
+        let leader = tokio::spawn(base.layer(gated).oneshot(get()));
+        tokio::task::yield_now().await;
+
+        // Each changed clone's services lead flights of their own.
+        let changed = [
+            base.clone().buffer_wait(Duration::from_secs(1)),
+            base.clone().body_limit(1),
+            base.clone().shareable(|_| true),
+            base.clone().role_header(true),
+            base.clone().key(HttpKey::new()),
+        ];
+        for layer in changed {
+            let res = layer.layer(answer("its own")).oneshot(get()).await.unwrap();
+            let how = res.extensions().get::<Coalescing>().copied().unwrap();
+            assert_eq!(how.role(), Role::Leader, "{layer:?}");
+            let body = res.into_body().collect().await.unwrap().to_bytes();
+            assert_eq!(body, "its own");
+        }
+
+        // A plain clone's services join the original's flight.
+        let follower = tokio::spawn(base.clone().layer(answer("unsent")).oneshot(get()));
+        tokio::task::yield_now().await;
+        open.send_replace(true);
+        for task in [leader, follower] {
+            let res = task.await.unwrap().unwrap();
+            let body = res.into_body().collect().await.unwrap().to_bytes();
+            assert_eq!(body, "original");
+        }
     })
     .await;
 }

@@ -9,6 +9,7 @@ use http::{Method, Request};
 use http_body::Body;
 use tower_layer::Layer;
 
+use crate::group::sealed::Sealed;
 use crate::group::{Config, Group, OnWaitLimit, OwnGroup};
 use crate::grpc::body::RequestBody;
 use crate::grpc::key::GrpcKey;
@@ -45,6 +46,12 @@ pub const DEFAULT_END_WAIT: Duration = Duration::from_millis(5);
 /// own body type (for tonic, `tonic::body::Body::new`). See the
 /// [module docs](crate::grpc) for what coalesces and how streams, statuses
 /// and deadlines fare.
+///
+/// Every service one layer wraps shares its flights, and so do the
+/// layer's clones; a clone given other settings or another key (by any of
+/// the builder methods) gets a group of its own. A group handed over with
+/// [`with_group`](GrpcLayer::with_group) stays shared whatever the
+/// settings.
 ///
 /// # Examples
 ///
@@ -194,14 +201,15 @@ impl<M, K> GrpcLayer<M, K> {
     }
 }
 
-impl<M, K, G> GrpcLayer<M, K, G> {
+impl<M, K, G: Sealed> GrpcLayer<M, K, G> {
     /// Keys calls with `extractor` instead: any [`KeyExtractor`] over a
     /// [`UnaryCall`], such as a closure. A key must hold everything the
     /// response depends on, including who asks.
     ///
     /// [`KeyExtractor`]: crate::key::KeyExtractor
     /// [`UnaryCall`]: crate::grpc::UnaryCall
-    pub fn key<K2>(self, extractor: K2) -> GrpcLayer<M, K2, G> {
+    pub fn key<K2>(mut self, extractor: K2) -> GrpcLayer<M, K2, G> {
+        self.group.settings_changed();
         GrpcLayer {
             make_body: self.make_body,
             extractor,
@@ -218,9 +226,7 @@ impl<M, K, G> GrpcLayer<M, K, G> {
     /// server speaks first: nothing on the wire tells them from unary calls
     /// (see the [module docs](crate::grpc#streaming-calls)).
     pub fn streaming_method(mut self, method: impl Into<Box<str>>) -> Self {
-        Arc::make_mut(&mut self.settings)
-            .streaming
-            .push(method.into());
+        self.settings_mut().streaming.push(method.into());
         self
     }
 
@@ -228,7 +234,7 @@ impl<M, K, G> GrpcLayer<M, K, G> {
     /// every other method pass through, untouched. `method` is a path or a
     /// service, as for [`streaming_method`](GrpcLayer::streaming_method).
     pub fn unary_method(mut self, method: impl Into<Box<str>>) -> Self {
-        Arc::make_mut(&mut self.settings).unary.push(method.into());
+        self.settings_mut().unary.push(method.into());
         self
     }
 
@@ -236,7 +242,7 @@ impl<M, K, G> GrpcLayer<M, K, G> {
     /// default [`DEFAULT_MESSAGE_LIMIT`]); a call with a longer one passes
     /// through, its bytes read so far in front of the rest.
     pub fn message_limit(mut self, bytes: usize) -> Self {
-        Arc::make_mut(&mut self.settings).message_limit = bytes;
+        self.settings_mut().message_limit = bytes;
         self
     }
 
@@ -251,7 +257,7 @@ impl<M, K, G> GrpcLayer<M, K, G> {
     /// [`streaming_method`](GrpcLayer::streaming_method), such a call starts
     /// this much later.
     pub fn message_wait(mut self, wait: Duration) -> Self {
-        Arc::make_mut(&mut self.settings).waits.message = wait;
+        self.settings_mut().waits.message = wait;
         self
     }
 
@@ -262,7 +268,7 @@ impl<M, K, G> GrpcLayer<M, K, G> {
     /// A unary call's request ends right after its message, but on a
     /// server the end may come in a frame of its own, a moment later.
     pub fn end_wait(mut self, wait: Duration) -> Self {
-        Arc::make_mut(&mut self.settings).waits.end = wait;
+        self.settings_mut().waits.end = wait;
         self
     }
 
@@ -270,7 +276,7 @@ impl<M, K, G> GrpcLayer<M, K, G> {
     /// [`DEFAULT_BODY_LIMIT`]). A longer one goes to the leader alone,
     /// streamed whole, and each follower makes its own call.
     pub fn body_limit(mut self, bytes: usize) -> Self {
-        let settings = Arc::make_mut(&mut self.settings);
+        let settings = self.settings_mut();
         Arc::make_mut(&mut settings.http).body_limit = bytes;
         self
     }
@@ -279,9 +285,18 @@ impl<M, K, G> GrpcLayer<M, K, G> {
     /// [`ROLE_HEADER`](crate::http::ROLE_HEADER) (`x-singleflight`) saying
     /// how it was produced, for clients to see; off by default.
     pub fn role_header(mut self, enabled: bool) -> Self {
-        let settings = Arc::make_mut(&mut self.settings);
+        let settings = self.settings_mut();
         Arc::make_mut(&mut settings.http).role_header = enabled;
         self
+    }
+}
+
+impl<M, K, G: Sealed> GrpcLayer<M, K, G> {
+    /// The settings, to change: the layer's own group stays with the
+    /// clones that keep the old ones.
+    fn settings_mut(&mut self) -> &mut GrpcSettings {
+        self.group.settings_changed();
+        Arc::make_mut(&mut self.settings)
     }
 }
 

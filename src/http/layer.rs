@@ -7,6 +7,7 @@ use std::time::Duration;
 use http::response;
 use tower_layer::Layer;
 
+use crate::group::sealed::Sealed;
 use crate::group::{Config, Group, OnWaitLimit, OwnGroup};
 use crate::http::key::HttpKey;
 use crate::http::response::{Overflow, Predicate};
@@ -41,7 +42,10 @@ pub const DEFAULT_BUFFER_WAIT: Duration = Duration::from_millis(500);
 /// [`with_group`](HttpLayer::with_group).
 ///
 /// A clone of the layer shares its group; a clone given other settings
-/// (a wait limit, running to completion) gets a group of its own.
+/// or another key (by any of the builder methods) gets a group of its own,
+/// so that a follower never gets a response its own layer would not share.
+/// A group handed over with [`with_group`](HttpLayer::with_group) stays
+/// shared whatever the settings.
 ///
 /// # Panics
 ///
@@ -170,9 +174,10 @@ impl<K> HttpLayer<K> {
     }
 }
 
-impl<K, G> HttpLayer<K, G> {
+impl<K, G: Sealed> HttpLayer<K, G> {
     /// Keys requests with `extractor` instead.
-    pub fn key<K2>(self, extractor: K2) -> HttpLayer<K2, G> {
+    pub fn key<K2>(mut self, extractor: K2) -> HttpLayer<K2, G> {
+        self.group.settings_changed();
         HttpLayer {
             extractor,
             group: self.group,
@@ -192,7 +197,7 @@ impl<K, G> HttpLayer<K, G> {
     /// Needs tokio's time driver, unless the wait is too long to add to the
     /// current time (such as [`Duration::MAX`]): then there is no limit.
     pub fn buffer_wait(mut self, wait: Duration) -> Self {
-        Arc::make_mut(&mut self.settings).buffer_wait = wait;
+        self.settings_mut().buffer_wait = wait;
         self
     }
 
@@ -202,7 +207,7 @@ impl<K, G> HttpLayer<K, G> {
     /// A longer body is never truncated: the leader streams it whole, the
     /// bytes read so far in front, and each follower makes its own call.
     pub fn body_limit(mut self, bytes: usize) -> Self {
-        Arc::make_mut(&mut self.settings).body_limit = bytes;
+        self.settings_mut().body_limit = bytes;
         self
     }
 
@@ -225,7 +230,7 @@ impl<K, G> HttpLayer<K, G> {
     where
         F: Fn(&response::Parts) -> bool + Send + Sync + 'static,
     {
-        Arc::make_mut(&mut self.settings).shareable = Some(Arc::new(predicate));
+        self.settings_mut().shareable = Some(Arc::new(predicate));
         self
     }
 
@@ -234,8 +239,17 @@ impl<K, G> HttpLayer<K, G> {
     ///
     /// [`ROLE_HEADER`]: crate::http::ROLE_HEADER
     pub fn role_header(mut self, enabled: bool) -> Self {
-        Arc::make_mut(&mut self.settings).role_header = enabled;
+        self.settings_mut().role_header = enabled;
         self
+    }
+}
+
+impl<K, G: Sealed> HttpLayer<K, G> {
+    /// The settings, to change: the layer's own group stays with the
+    /// clones that keep the old ones.
+    fn settings_mut(&mut self) -> &mut Settings {
+        self.group.settings_changed();
+        Arc::make_mut(&mut self.settings)
     }
 }
 
