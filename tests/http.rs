@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::extract::State;
+use axum::extract::{OriginalUri, Path, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method, Request, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -27,7 +27,9 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tower::{BoxError, Layer, ServiceBuilder, ServiceExt};
-use tower_singleflight::http::{Coalescing, FlightResponse, HttpKey, RequestKey, ROLE_HEADER};
+use tower_singleflight::http::{
+    Coalescing, FlightResponse, HttpKey, HttpLayer, RequestKey, ROLE_HEADER,
+};
 use tower_singleflight::{Group, OnWaitLimit, Role, SingleflightLayer};
 
 // --- the world the tests run in ---
@@ -279,6 +281,48 @@ async fn each_identity_gets_its_own_call_and_its_own_body() {
         assert!(alice.iter().all(|r| r.text() == "hello alice"));
         assert!(bob.iter().all(|r| r.text() == "hello bob"));
         assert!(anonymous.iter().all(|r| r.text() == "hello anonymous"));
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn under_a_nested_router_each_prefix_gets_its_own_flight() {
+    bounded(async {
+        // Each tenant's users, behind a router nested at a path parameter.
+        // The layer goes on the nested router, keyed on the URI the request
+        // arrived with, or on the outer router with the default key.
+        let handler = |State(backend): State<Backend>, Path(tenant): Path<String>| async move {
+            backend.call().await;
+            format!("users of {tenant}")
+        };
+        let on_nested = HttpKey::new().uri_extension::<OriginalUri>();
+        for layer_on_nested in [true, false] {
+            let (backend, open) = Backend::new();
+            let group = HttpGroup::new();
+            let users = Router::new().route("/users", get(handler));
+            let app = if layer_on_nested {
+                let layer = HttpLayer::new(on_nested.clone()).with_group(group.clone());
+                Router::new().nest("/tenants/{tenant}", users.layer(layer))
+            } else {
+                let layer = SingleflightLayer::http().with_group(group.clone());
+                Router::new().nest("/tenants/{tenant}", users).layer(layer)
+            };
+            let addr = serve(app.with_state(backend.clone())).await;
+
+            let client = client();
+            let mut tasks = Vec::new();
+            for tenant in ["acme", "globex"] {
+                let path = format!("/tenants/{tenant}/users");
+                tasks.extend(burst(3, &client, || request(Method::GET, addr, &path)).await);
+            }
+            until(|| group.stats().waiters == 6).await;
+            open.send_replace(true);
+            let replies = replies(tasks).await;
+            let texts: Vec<_> = replies.iter().map(Reply::text).collect();
+            assert_eq!(texts[..3], ["users of acme"; 3], "{layer_on_nested}");
+            assert_eq!(texts[3..], ["users of globex"; 3], "{layer_on_nested}");
+            assert_eq!(backend.calls(), 2, "{layer_on_nested}");
+        }
     })
     .await;
 }

@@ -1,6 +1,7 @@
 //! [`HttpKey`], the identity-safe default key of the HTTP layer.
 
 use std::fmt;
+use std::ops::Deref;
 use std::sync::Arc;
 
 use http::header::{
@@ -8,7 +9,7 @@ use http::header::{
     IF_UNMODIFIED_SINCE, PROXY_AUTHORIZATION, RANGE, UPGRADE,
 };
 use http::uri::{Authority, PathAndQuery, Scheme};
-use http::{HeaderName, HeaderValue, Method, Request};
+use http::{Extensions, HeaderName, HeaderValue, Method, Request, Uri};
 use http_body::Body;
 
 use crate::key::KeyExtractor;
@@ -61,6 +62,15 @@ pub const CONDITIONAL_HEADERS: [HeaderName; 6] = [
 /// Headers outside the key that the response depends on are handled by the
 /// response's `Vary` header: see the [module docs](crate::http).
 ///
+/// # Under a router that rewrites the URI
+///
+/// The key reads the URI as the layer sees it. A router that rewrites it
+/// first hides what tells requests apart: axum's `Router::nest` strips its
+/// prefix, so a layer on a nested router sees `/tenants/acme/users` and
+/// `/tenants/globex/users` both as `/users`. Put the layer on the outer
+/// router, or key on the URI the request arrived with, which such routers
+/// keep in an extension: see [`uri_extension`](HttpKey::uri_extension).
+///
 /// # Examples
 ///
 /// ```
@@ -93,6 +103,8 @@ pub struct HttpKey {
     headers: Arc<[HeaderName]>,
     methods: Arc<[Method]>,
     ignore_bodies: bool,
+    /// Reads the URI the request arrived with from its extensions.
+    original_uri: Option<fn(&Extensions) -> Option<&Uri>>,
 }
 
 /// The key an [`HttpKey`] makes: opaque, compared field by field.
@@ -116,6 +128,7 @@ impl HttpKey {
             headers: Arc::new([]),
             methods: Arc::new([]),
             ignore_bodies: false,
+            original_uri: None,
         }
     }
 
@@ -154,6 +167,34 @@ impl HttpKey {
         self
     }
 
+    /// Keys on the URI in the request extension `E`, when the request has
+    /// one, rather than on the request's own: for a layer behind a router
+    /// that rewrites the URI and keeps the one the request arrived with in
+    /// `E`, as axum's `Router::nest` keeps it in `axum::extract::OriginalUri`.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use axum::extract::OriginalUri;
+    /// use axum::{routing::get, Router};
+    /// use tower_singleflight::http::{HttpKey, HttpLayer};
+    ///
+    /// // Each tenant's users are a resource of their own, though the nested
+    /// // router sees every one of them as `/users`.
+    /// let users: Router = Router::new()
+    ///     .route("/users", get(|| async { "the users" }))
+    ///     .layer(HttpLayer::new(HttpKey::new().uri_extension::<OriginalUri>()));
+    /// let app: Router = Router::new().nest("/tenants/{tenant}", users);
+    /// # drop(app);
+    /// ```
+    pub fn uri_extension<E>(mut self) -> Self
+    where
+        E: Deref<Target = Uri> + Send + Sync + 'static,
+    {
+        self.original_uri = Some(|extensions| extensions.get::<E>().map(|uri| &**uri));
+        self
+    }
+
     fn coalesces(&self, method: &Method) -> bool {
         *method == Method::GET || *method == Method::HEAD || self.methods.contains(method)
     }
@@ -182,7 +223,8 @@ impl<B: Body> KeyExtractor<Request<B>> for HttpKey {
         }
 
         // The URI's authority, else the `Host` header; a bad one declines.
-        let uri = req.uri();
+        let original = self.original_uri.and_then(|read| read(req.extensions()));
+        let uri = original.unwrap_or(req.uri());
         let authority = match (uri.authority(), req.headers().get(HOST)) {
             (Some(authority), _) => Some(authority.clone()),
             (None, Some(host)) => Some(Authority::try_from(host.as_bytes()).ok()?),

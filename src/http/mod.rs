@@ -15,6 +15,10 @@
 //! straight to the inner service, untouched. Any [`KeyExtractor`] can
 //! replace it.
 //!
+//! The key reads the URI as the layer sees it: on a router nested under a
+//! prefix, which axum strips first, key on the URI the request arrived with
+//! ([`HttpKey::uri_extension`]), or put the layer on the outer router.
+//!
 //! # What is shared, and with whom
 //!
 //! A response is kept for the leader alone, never replayed, when:
