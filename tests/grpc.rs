@@ -872,6 +872,16 @@ async fn when_every_caller_has_left_the_shared_rpc_is_cancelled() {
 
 // --- malformed frames ---
 
+/// A unary `Get` call as a client sends it, with `frame` as its body: a
+/// message's prefix and bytes.
+fn get_request(frame: Vec<u8>) -> http::Request<Body> {
+    http::Request::post("http://localhost/echo.Echo/Get")
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(Body::new(http_body_util::Full::new(Bytes::from(frame))))
+        .expect("a request")
+}
+
 /// Two identical unary calls sent straight through the server layer, whose
 /// message carries compression flag `flag`: how many reach the service.
 async fn calls_made_with_flag(flag: u8) -> usize {
@@ -898,14 +908,7 @@ async fn calls_made_with_flag(flag: u8) -> usize {
     };
     let layer = SingleflightLayer::grpc(Body::new as MakeBody).with_group(group.clone());
     let svc = ServiceBuilder::new().layer(layer).service(inner);
-    let request = || {
-        let frame = Bytes::from(vec![flag, 0, 0, 0, 2, b'h', b'i']);
-        http::Request::post("http://localhost/echo.Echo/Get")
-            .header("content-type", "application/grpc")
-            .header("te", "trailers")
-            .body(Body::new(http_body_util::Full::new(frame)))
-            .expect("a request")
-    };
+    let request = || get_request(vec![flag, 0, 0, 0, 2, b'h', b'i']);
     let first = tokio::spawn(svc.clone().oneshot(request()));
     let second = tokio::spawn(svc.oneshot(request()));
 
@@ -949,16 +952,13 @@ async fn a_follower_whose_own_call_panics_gets_internal_like_any_waiter() {
         };
         let layer = SingleflightLayer::grpc(Body::new as MakeBody).with_group(group.clone());
         let svc = ServiceBuilder::new().layer(layer).service(inner);
-        let request = || {
-            let frame = Bytes::from_static(&[0, 0, 0, 0, 2, b'h', b'i']);
-            http::Request::post("http://localhost/echo.Echo/Get")
-                .header("content-type", "application/grpc")
-                .header("te", "trailers")
-                .body(Body::new(http_body_util::Full::new(frame)))
-                .expect("a request")
-        };
         let tasks: Vec<_> = (0..3)
-            .map(|_| tokio::spawn(svc.clone().oneshot(request())))
+            .map(|_| {
+                tokio::spawn(
+                    svc.clone()
+                        .oneshot(get_request(vec![0, 0, 0, 0, 2, b'h', b'i'])),
+                )
+            })
             .collect();
         until(|| group.stats().waiters == 3).await;
         open.send(true).expect("a receiver");

@@ -941,24 +941,30 @@ async fn an_event_stream_reaches_its_caller_at_once_and_is_never_shared() {
     .await;
 }
 
+/// A router whose `/slow` route streams `parts` parts, `gap` apart, behind
+/// `layer`, and the count of calls that reached its handler.
+fn slow_route(parts: u32, gap: Duration, layer: HttpLayer) -> (Router, Arc<AtomicUsize>) {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&calls);
+    let slow = move || {
+        counter.fetch_add(1, Ordering::SeqCst);
+        async move {
+            let chunks = futures::stream::iter(0..parts).then(move |n| async move {
+                tokio::time::sleep(gap).await;
+                Ok::<_, Infallible>(Frame::data(Bytes::from(format!("part {n};"))))
+            });
+            Response::new(Body::new(StreamBody::new(chunks)))
+        }
+    };
+    (Router::new().route("/slow", get(slow)).layer(layer), calls)
+}
+
 #[tokio::test(flavor = "current_thread")]
 async fn a_body_slower_than_the_buffering_wait_streams_to_the_leader_and_followers_call_again() {
     bounded(async {
         // A body that takes about 400 ms to stream, against a 100 ms wait.
-        let calls = Arc::new(AtomicUsize::new(0));
-        let counter = Arc::clone(&calls);
-        let slow = move || {
-            counter.fetch_add(1, Ordering::SeqCst);
-            async {
-                let chunks = futures::stream::iter(0..4).then(|n| async move {
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    Ok::<_, Infallible>(Frame::data(Bytes::from(format!("part {n};"))))
-                });
-                Response::new(Body::new(StreamBody::new(chunks)))
-            }
-        };
         let layer = SingleflightLayer::http().buffer_wait(Duration::from_millis(100));
-        let app: Router = Router::new().route("/slow", get(slow)).layer(layer);
+        let (app, calls) = slow_route(4, Duration::from_millis(100), layer);
         let addr = serve(app).await;
 
         // Three callers at once: the leader's head comes before its body
@@ -982,22 +988,10 @@ async fn a_body_slower_than_the_buffering_wait_streams_to_the_leader_and_followe
 async fn a_buffering_wait_too_long_to_name_as_an_instant_is_no_limit() {
     bounded(async {
         // A body that takes about 500 ms to stream, and no buffering wait.
-        let calls = Arc::new(AtomicUsize::new(0));
-        let counter = Arc::clone(&calls);
-        let slow = move || {
-            counter.fetch_add(1, Ordering::SeqCst);
-            async {
-                let chunks = futures::stream::iter(0..2).then(|n| async move {
-                    tokio::time::sleep(Duration::from_millis(250)).await;
-                    Ok::<_, Infallible>(Frame::data(Bytes::from(format!("part {n};"))))
-                });
-                Response::new(Body::new(StreamBody::new(chunks)))
-            }
-        };
         let layer = SingleflightLayer::http()
             .buffer_wait(Duration::MAX)
             .role_header(true);
-        let app: Router = Router::new().route("/slow", get(slow)).layer(layer);
+        let (app, calls) = slow_route(2, Duration::from_millis(250), layer);
         let addr = serve(app).await;
 
         // The body is read whole and shared, however long it takes.

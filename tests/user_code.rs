@@ -420,28 +420,6 @@ impl<F: Future> Future for PanicsOnDrop<F> {
     }
 }
 
-/// A key whose flights can be seen alive: each holds a clone of `alive`.
-#[derive(Clone, Debug)]
-struct Tracked {
-    id: u32,
-    /// Held, not read: a clone per live copy of the key.
-    _alive: Arc<()>,
-}
-
-impl PartialEq for Tracked {
-    fn eq(&self, other: &Self) -> bool {
-        self.id == other.id
-    }
-}
-
-impl Eq for Tracked {}
-
-impl Hash for Tracked {
-    fn hash<H: Hasher>(&self, state: &mut H) {
-        self.id.hash(state);
-    }
-}
-
 #[tokio::test(flavor = "current_thread")]
 async fn a_call_whose_drop_panics_after_its_outcome_hurts_no_caller_and_no_other_flight() {
     let group = Group::<u32, u32>::new();
@@ -474,11 +452,13 @@ async fn a_call_whose_drop_panics_after_its_outcome_hurts_no_caller_and_no_other
 
 #[tokio::test(flavor = "current_thread")]
 async fn a_call_whose_drop_panics_as_its_last_waiter_leaves_hurts_no_caller_and_ends_its_task() {
-    let group = Group::<Tracked, u32>::new();
+    // Each copy of the key holds a clone of `alive`, so its flight can be
+    // seen alive.
+    let group = Group::<Key, u32>::new();
     let alive = Arc::new(());
-    let key = || Tracked {
-        id: 1,
-        _alive: Arc::clone(&alive),
+    let key = || {
+        let alive = Arc::clone(&alive);
+        Key::on_drop(1, move || drop(alive))
     };
 
     // A shared flight, driven by its own task, whose call never answers.
