@@ -994,3 +994,66 @@ async fn a_message_with_an_undefined_compression_flag_is_never_coalesced() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clone_of_the_layer_given_other_settings_leads_flights_of_its_own() {
+    use tower::{Layer, ServiceExt};
+
+    bounded(async {
+        // The original's call waits at a gate; each changed clone's inner
+        // service answers at once, with the same call.
+        let (open, gate) = watch::channel(false);
+        let reply = || {
+            http::Response::builder()
+                .header("content-type", "application/grpc")
+                .header("grpc-status", "0")
+                .body(Body::empty())
+                .expect("a response")
+        };
+        let gated = tower::service_fn(move |_req: http::Request<Body>| {
+            let mut gate = gate.clone();
+            async move {
+                gate.wait_for(|open| *open).await.expect("the gate stays");
+                Ok::<_, Infallible>(reply())
+            }
+        });
+        let at_once = tower::service_fn(move |_req: http::Request<Body>| async move {
+            Ok::<_, Infallible>(reply())
+        });
+        let request = || get_request(vec![0, 0, 0, 0, 2, b'h', b'i']);
+        let base = SingleflightLayer::grpc(Body::new as MakeBody);
+        let svc = base.layer(gated);
+        let own = svc.group().clone();
+        let waiters = move || {
+            let group = own.get::<GrpcRequestKey, FlightResponse<Body>>();
+            group.map_or(0, |group| group.stats().waiters)
+        };
+
+        // A plain clone's service joins the original's flight.
+        let original = tokio::spawn(svc.oneshot(request()));
+        let joined = tokio::spawn(base.clone().layer(at_once).oneshot(request()));
+        until(|| waiters() == 2).await;
+
+        // Each changed clone's service leads a flight of its own.
+
+        let changed = [
+            base.clone().body_limit(1),
+            base.clone().role_header(true),
+            base.clone().message_limit(1024),
+            base.clone().streaming_method("/other.Other/"),
+        ];
+        for layer in changed {
+            let res = layer.layer(at_once).oneshot(request()).await;
+            let res = res.expect("a response");
+            let how = res.extensions().get::<Coalescing>().copied();
+            assert_eq!(how.map(|how| how.role()), Some(Role::Leader), "{layer:?}");
+        }
+        open.send(true).expect("a receiver");
+        for task in [original, joined] {
+            let res = task.await.expect("a task").expect("a response");
+            let how = res.extensions().get::<Coalescing>().copied();
+            assert!(how.is_some_and(|how| how.is_shared()));
+        }
+    })
+    .await;
+}
