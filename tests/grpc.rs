@@ -1057,3 +1057,74 @@ async fn a_clone_of_the_layer_given_other_settings_leads_flights_of_its_own() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_past_its_wait_limit_sends_what_is_left_of_its_deadline() {
+    use tower::ServiceExt;
+    use tower_singleflight::OnWaitLimit;
+
+    bounded(async {
+        // The service records each request's `grpc-timeout`; the first call
+        // waits at a gate.
+        let limit = Duration::from_millis(50);
+        let group = GrpcGroup::new().follower_wait_limit(limit, OnWaitLimit::CallOwn);
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let (open, gate) = watch::channel(false);
+        let inner = {
+            let seen = Arc::clone(&seen);
+            tower::service_fn(move |req: http::Request<Body>| {
+                let timeout = req.headers().get("grpc-timeout").cloned();
+                let first = {
+                    let mut seen = seen.lock().unwrap();
+                    seen.push(timeout);
+                    seen.len() == 1
+                };
+                let mut gate = gate.clone();
+                async move {
+                    if first {
+                        gate.wait_for(|open| *open).await.expect("the gate stays");
+                    }
+                    let reply = http::Response::builder()
+                        .header("content-type", "application/grpc")
+                        .header("grpc-status", "0")
+                        .body(Body::empty())
+                        .expect("a response");
+                    Ok::<_, Infallible>(reply)
+                }
+            })
+        };
+        let layer = SingleflightLayer::grpc(Body::new as MakeBody).with_group(group.clone());
+        let svc = ServiceBuilder::new().layer(layer).service(inner);
+        let within = |timeout: &'static str| {
+            let mut req = get_request(vec![0, 0, 0, 0, 2, b'h', b'i']);
+            let timeout = http::HeaderValue::from_static(timeout);
+            req.headers_mut().insert("grpc-timeout", timeout);
+            req
+        };
+
+        // The leader's call carries no caller's deadline; the follower's own
+        // call, past its wait limit, carries what is left of its 5 s.
+        let leader = tokio::spawn(svc.clone().oneshot(within("10S")));
+        until(|| seen.lock().unwrap().len() == 1).await;
+        let follower = svc.oneshot(within("5S")).await.expect("a response");
+        let how = follower.extensions().get::<Coalescing>().copied();
+        assert_eq!(how.map(|how| how.role()), Some(Role::Fallback));
+        let seen = seen.lock().unwrap().clone();
+        assert_eq!(seen[0], None, "the shared call carries no deadline");
+        let sent = seen[1].as_ref().expect("the follower's call carries one");
+        let sent = sent.to_str().expect("ASCII");
+        let (digits, unit) = sent.split_at(sent.len() - 1);
+        let per_unit = match unit {
+            "u" => Duration::from_micros(1),
+            "m" => Duration::from_millis(1),
+            other => panic!("an unexpected unit in {other}"),
+        };
+        let left = per_unit * digits.parse::<u32>().expect("digits");
+        assert!(left <= Duration::from_secs(5) - limit, "{sent}");
+        assert!(left > Duration::from_secs(4), "{sent}");
+
+        open.send(true).expect("a receiver");
+        leader.await.expect("a task").expect("a response");
+    })
+    .await;
+}

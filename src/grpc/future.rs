@@ -4,7 +4,7 @@
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{ready, Context, Poll};
 
 use http::{Request, Response};
@@ -22,7 +22,7 @@ use crate::grpc::body::RequestBody;
 use crate::grpc::key::UnaryCall;
 use crate::grpc::layer::GrpcSettings;
 use crate::grpc::message::{Read, ReadMessage};
-use crate::grpc::status::{self, GRPC_TIMEOUT};
+use crate::grpc::status::{self, FollowerDeadline, GRPC_TIMEOUT};
 use crate::http::{mark, take, FlightResponse, HttpCall, RequestSlot, ResponseBody};
 use crate::key::KeyExtractor;
 
@@ -167,7 +167,7 @@ where
                         return Poll::Pending;
                     };
                     let start = start.take().expect("a call starts once");
-                    let (role, state) = start.begin(read, this.settings);
+                    let (role, state) = start.begin(read, this.settings, *this.deadline);
                     *this.role = Some(role);
                     this.state.set(state);
                 }
@@ -208,14 +208,13 @@ where
                     if let Some(res) = flight.for_follower(req.headers()) {
                         break Ok((res, true));
                     }
-                    if let Some(deadline) = *this.deadline {
-                        let left = deadline.saturating_duration_since(Instant::now());
-                        if left.is_zero() {
-                            break Ok((status::deadline_exceeded(true), false));
-                        }
-                        req.headers_mut()
-                            .insert(GRPC_TIMEOUT, status::timeout_value(left));
+                    if this
+                        .deadline
+                        .is_some_and(|deadline| deadline <= Instant::now())
+                    {
+                        break Ok((status::deadline_exceeded(true), false));
                     }
+                    status::restore_deadline(&mut req);
                     let inner = inner.take().expect("a follower keeps the inner service");
                     *this.role = Some(Role::Fallback);
                     this.state.set(State::Own {
@@ -279,6 +278,7 @@ where
         self,
         read: Read<B>,
         settings: &Arc<GrpcSettings>,
+        deadline: Option<Instant>,
     ) -> (Role, State<S, B, ResB, M, K>)
     where
         S: Service<Request<B>, Response = Response<ResB>> + Clone + Send + 'static,
@@ -312,6 +312,16 @@ where
         let work = || HttpCall::new(self.inner.clone(), Arc::clone(&request), http);
         let run = self.group.run_with(key, work);
         let role = run.role();
+
+        // A follower's own call, should it make one, carries what is left of
+        // its deadline then: past its wait limit, or if the response cannot
+        // be shared with it.
+        if let Some(deadline) = deadline.filter(|_| role == Role::Follower) {
+            let mut slot = request.lock().unwrap_or_else(PoisonError::into_inner);
+            if let Some(req) = slot.as_mut() {
+                req.extensions_mut().insert(FollowerDeadline(deadline));
+            }
+        }
         let inner = (role == Role::Follower).then_some(self.inner);
         let state = State::Flight {
             run,

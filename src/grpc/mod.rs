@@ -128,11 +128,10 @@
 //! gets `DEADLINE_EXCEEDED` alone; the others, the leader's followers
 //! included, go on waiting. (On a tonic server, tonic's own timeout sits
 //! outside the layer and ends the caller's wait first, so that caller sees
-//! tonic's status for it.) A follower that makes a call of its own because
-//! the response could not be shared with it sends the time it has left as
-//! its `grpc-timeout`; one past its
-//! [wait limit](GrpcLayer::follower_wait_limit) sends none, and the layer
-//! still ends its wait at its deadline.
+//! tonic's status for it.) A follower that makes a call of its own, because
+//! the response could not be shared with it or past its
+//! [wait limit](GrpcLayer::follower_wait_limit), sends the time it has left
+//! as its `grpc-timeout`.
 //!
 //! [`SingleflightLayer::grpc`]: crate::SingleflightLayer::grpc
 //! [`KeyExtractor`]: crate::key::KeyExtractor
@@ -153,3 +152,7 @@ pub use self::future::ResponseFuture;
 pub use self::key::{GrpcKey, GrpcRequestKey, UnaryCall, ENCODING_HEADERS};
 pub use self::layer::{GrpcLayer, DEFAULT_END_WAIT, DEFAULT_MESSAGE_LIMIT, DEFAULT_MESSAGE_WAIT};
 pub use self::service::GrpcSingleflight;
+
+// What the HTTP layer's shared call needs: a follower's own call sends what
+// is left of its deadline.
+pub(crate) use self::status::restore_deadline;

@@ -5,8 +5,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::header::CONTENT_TYPE;
-use http::{HeaderMap, HeaderName, HeaderValue, Response};
+use http::{HeaderMap, HeaderName, HeaderValue, Request, Response};
 use http_body::Body;
+use tokio::time::Instant;
 
 use crate::error::Error;
 use crate::http::ResponseBody;
@@ -77,6 +78,22 @@ pub(crate) fn timeout(headers: &HeaderMap) -> Option<Duration> {
         "n" => Duration::from_nanos(n),
         _ => return None,
     })
+}
+
+/// A follower's deadline, kept in its request's extensions while the
+/// request waits in its slot: the shared call carries no caller's deadline,
+/// but a follower's own call carries what is left of the follower's.
+#[derive(Clone, Copy)]
+pub(crate) struct FollowerDeadline(pub(crate) Instant);
+
+/// Puts what is left of a follower's deadline, if its request has one, back
+/// on the request as its `grpc-timeout`, as the request leaves for the
+/// inner service.
+pub(crate) fn restore_deadline<B>(req: &mut Request<B>) {
+    if let Some(FollowerDeadline(deadline)) = req.extensions_mut().remove() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        req.headers_mut().insert(GRPC_TIMEOUT, timeout_value(left));
+    }
 }
 
 /// `left` as a `grpc-timeout` value: the finest unit that fits in 8 digits,

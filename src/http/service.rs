@@ -202,7 +202,10 @@ where
 
     fn start(self) -> Self::Future {
         // Keep the leader's headers, to learn what the response varies on.
-        let req = take(&self.request).expect("a flight's request is sent once");
+        #[allow(unused_mut)]
+        let mut req = take(&self.request).expect("a flight's request is sent once");
+        #[cfg(feature = "grpc")]
+        crate::grpc::restore_deadline(&mut req);
         let leader = req.headers().clone();
         let call = self.inner.oneshot(req);
         let settings = self.settings;
