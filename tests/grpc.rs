@@ -5,6 +5,17 @@
 //! The tests run on a multi-threaded runtime, as servers do: there a unary
 //! call's message and the end of its request may reach the layer apart,
 //! which is what its waits are for.
+//!
+//! Where the contract's gRPC line, H5, is shown: unary calls coalesce on
+//! method and message in
+//! `fifty_identical_calls_through_the_client_layer_reach_the_server_once`
+//! and `calls_with_different_messages_or_callers_make_different_calls`;
+//! statuses and trailers reach every waiter in
+//! `a_not_found_status_with_its_message_and_metadata_reaches_all_fifty_callers`
+//! and `trailing_metadata_of_an_ok_reply_reaches_every_caller`; streams are
+//! never corrupted in `a_listed_streaming_method_is_unaffected_through_both_layers`,
+//! `an_unlisted_server_stream_still_reaches_every_caller_whole` and
+//! `client_streams_and_chats_pass_through_both_layers_without_stalling`.
 #![cfg(feature = "grpc")]
 
 #[path = "support/echo.rs"]

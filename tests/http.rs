@@ -1,5 +1,27 @@
 //! The HTTP layer end to end: real axum servers on loopback, driven by
 //! hyper-util's client over real sockets.
+//!
+//! Where the contract's HTTP lines are shown:
+//!
+//! - H1, the ready-made key: `each_identity_gets_its_own_call_and_its_own_body`,
+//!   `posts_are_never_coalesced_with_or_without_a_body`,
+//!   `the_default_key_takes_the_host_header_and_lets_unsafe_requests_through`,
+//!   `upgrades_get_no_key_and_ranges_and_validators_are_part_of_it`,
+//!   `under_a_nested_router_each_prefix_gets_its_own_flight`;
+//! - H2, one buffered response replayed whole:
+//!   `two_hundred_identical_gets_make_one_handler_call_and_identical_replies`,
+//!   `a_streamed_body_and_its_trailers_are_replayed_whole_to_every_waiter`,
+//!   `a_body_over_the_limit_reaches_every_caller_whole`,
+//!   `a_body_slower_than_the_buffering_wait_streams_to_the_leader_and_followers_call_again`;
+//! - H3, responses that must not be shared are not:
+//!   `a_cookie_set_for_one_caller_never_reaches_another`,
+//!   `a_follower_that_differs_in_a_varied_header_makes_its_own_call`,
+//!   `a_response_the_predicate_rejects_goes_to_the_leader_alone`,
+//!   `an_event_stream_reaches_its_caller_at_once_and_is_never_shared`;
+//! - H4, straight onto a router, the crate's failures as responses:
+//!   `a_stateless_router_served_directly_coalesces_across_connections`,
+//!   `a_panicking_handler_answers_500_to_every_waiter_and_the_next_request_succeeds`,
+//!   `a_follower_past_its_wait_limit_gets_503_while_the_leader_still_succeeds`.
 #![cfg(feature = "http")]
 
 use std::convert::Infallible;
