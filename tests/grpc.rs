@@ -1042,6 +1042,7 @@ async fn a_clone_of_the_layer_given_other_settings_leads_flights_of_its_own() {
 
         // A plain clone's service joins the original's flight.
         let original = tokio::spawn(svc.oneshot(request()));
+        until(|| waiters() == 1).await;
         let joined = tokio::spawn(base.clone().layer(at_once).oneshot(request()));
         until(|| waiters() == 2).await;
 

@@ -963,31 +963,29 @@ async fn an_event_stream_reaches_its_caller_at_once_and_is_never_shared() {
     .await;
 }
 
-/// A router whose `/slow` route streams `parts` parts, `gap` apart, behind
-/// `layer`, and the count of calls that reached its handler.
-fn slow_route(parts: u32, gap: Duration, layer: HttpLayer) -> (Router, Arc<AtomicUsize>) {
-    let calls = Arc::new(AtomicUsize::new(0));
-    let counter = Arc::clone(&calls);
-    let slow = move || {
-        counter.fetch_add(1, Ordering::SeqCst);
-        async move {
-            let chunks = futures::stream::iter(0..parts).then(move |n| async move {
-                tokio::time::sleep(gap).await;
-                Ok::<_, Infallible>(Frame::data(Bytes::from(format!("part {n};"))))
-            });
-            Response::new(Body::new(StreamBody::new(chunks)))
-        }
+/// A router whose `/slow` route counts its call and waits at the backend's
+/// gate, then answers with a body of `parts` parts, `gap` apart.
+fn slow_route(parts: u32, gap: Duration) -> Router<Backend> {
+    let slow = move |State(backend): State<Backend>| async move {
+        backend.call().await;
+        let chunks = futures::stream::iter(0..parts).then(move |n| async move {
+            tokio::time::sleep(gap).await;
+            Ok::<_, Infallible>(Frame::data(Bytes::from(format!("part {n};"))))
+        });
+        Response::new(Body::new(StreamBody::new(chunks)))
     };
-    (Router::new().route("/slow", get(slow)).layer(layer), calls)
+    Router::new().route("/slow", get(slow))
 }
 
 #[tokio::test(flavor = "current_thread")]
 async fn a_body_slower_than_the_buffering_wait_streams_to_the_leader_and_followers_call_again() {
     bounded(async {
         // A body that takes about 400 ms to stream, against a 100 ms wait.
+        let (backend, open) = Backend::new();
+        open.send_replace(true);
         let layer = SingleflightLayer::http().buffer_wait(Duration::from_millis(100));
-        let (app, calls) = slow_route(4, Duration::from_millis(100), layer);
-        let addr = serve(app).await;
+        let app = slow_route(4, Duration::from_millis(100)).layer(layer);
+        let addr = serve(app.with_state(backend.clone())).await;
 
         // Three callers at once: the leader's head comes before its body
         // ends, and every caller gets the whole body.
@@ -1001,7 +999,7 @@ async fn a_body_slower_than_the_buffering_wait_streams_to_the_leader_and_followe
         }
 
         // The followers made their own calls rather than wait on a stream.
-        assert_eq!(calls.load(Ordering::SeqCst), 3);
+        assert_eq!(backend.calls(), 3);
     })
     .await;
 }
@@ -1009,23 +1007,30 @@ async fn a_body_slower_than_the_buffering_wait_streams_to_the_leader_and_followe
 #[tokio::test(flavor = "current_thread")]
 async fn a_buffering_wait_too_long_to_name_as_an_instant_is_no_limit() {
     bounded(async {
-        // A body that takes about 500 ms to stream, and no buffering wait.
+        // A body that takes about 600 ms to stream, longer than the default
+        // wait, and no buffering wait at all.
+        let (backend, open) = Backend::new();
+        let group = HttpGroup::new();
         let layer = SingleflightLayer::http()
+            .with_group(group.clone())
             .buffer_wait(Duration::MAX)
             .role_header(true);
-        let (app, calls) = slow_route(2, Duration::from_millis(250), layer);
-        let addr = serve(app).await;
+        let app = slow_route(2, Duration::from_millis(300)).layer(layer);
+        let addr = serve(app.with_state(backend.clone())).await;
 
-        // The body is read whole and shared, however long it takes.
+        // Three callers in one flight: the body is read whole and shared,
+        // however long it takes.
         let client = client();
         let tasks = burst(3, &client, || request(Method::GET, addr, "/slow")).await;
+        until(|| group.stats().waiters == 3).await;
+        open.send_replace(true);
         let replies = replies(tasks).await;
         for reply in &replies {
             assert_eq!(reply.status, StatusCode::OK);
             assert_eq!(reply.text(), "part 0;part 1;");
         }
         assert_eq!(roles(&replies), ["follower", "leader"]);
-        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        assert_eq!(backend.calls(), 1);
     })
     .await;
 }
