@@ -2,8 +2,10 @@
 //! threads around one key, checking one call per key, that each waiter gets
 //! its own flight's outcome, and that the map ends empty.
 //!
-//! Run with `RUSTFLAGS="--cfg singleflight_loom" LOOM_MAX_PREEMPTIONS=2 cargo test
-//! --release --lib loom_`.
+//! Run as CI does, with `RUSTFLAGS="--cfg singleflight_loom"
+//! LOOM_MAX_PREEMPTIONS=3 cargo test --release --lib --target-dir target/loom
+//! loom_`: the preemption bound keeps the models to seconds, and the
+//! directory of their own keeps the usual builds from being redone.
 
 use std::future::{poll_fn, Future};
 use std::task::Poll;
