@@ -17,7 +17,9 @@
 //!   `a_cookie_set_for_one_caller_never_reaches_another`,
 //!   `a_follower_that_differs_in_a_varied_header_makes_its_own_call`,
 //!   `a_response_the_predicate_rejects_goes_to_the_leader_alone`,
-//!   `an_event_stream_reaches_its_caller_at_once_and_is_never_shared`;
+//!   `an_event_stream_reaches_its_caller_at_once_and_is_never_shared`, and
+//!   what is shared though a cache would not keep it:
+//!   `a_response_marked_private_is_shared_by_callers_with_one_key`;
 //! - H4, straight onto a router, the crate's failures as responses:
 //!   `a_stateless_router_served_directly_coalesces_across_connections`,
 //!   `a_panicking_handler_answers_500_to_every_waiter_and_the_next_request_succeeds`,
@@ -805,6 +807,43 @@ async fn a_response_the_predicate_rejects_goes_to_the_leader_alone() {
         assert_eq!(backend.calls(), 4);
         assert_eq!(roles(&replies), ["fallback", "leader"]);
         assert!(replies.iter().all(|r| r.status == StatusCode::BAD_GATEWAY));
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_response_marked_private_is_shared_by_callers_with_one_key() {
+    bounded(async {
+        // Cache-Control speaks of caches; coalescing keeps nothing, and the
+        // callers share a key, identity headers included.
+        let (backend, open) = Backend::new();
+        let handler = |State(backend): State<Backend>| async move {
+            let n = backend.call().await;
+            (
+                [(header::CACHE_CONTROL, "private, no-store")],
+                format!("call {n}"),
+            )
+        };
+        let group = HttpGroup::new();
+        let layer = SingleflightLayer::http()
+            .with_group(group.clone())
+            .role_header(true);
+        let app = Router::new().route("/mine", get(handler)).layer(layer);
+        let addr = serve(app.with_state(backend.clone())).await;
+
+        let client = client();
+        let as_alice =
+            || request(Method::GET, addr, "/mine").header(header::AUTHORIZATION, "alice");
+        let tasks = burst(4, &client, as_alice).await;
+        until(|| group.stats().waiters == 4).await;
+        open.send_replace(true);
+        let replies = replies(tasks).await;
+        assert_eq!(backend.calls(), 1);
+        assert_eq!(roles(&replies), ["follower", "leader"]);
+        assert!(replies.iter().all(|r| r.text() == "call 1"));
+        assert!(replies
+            .iter()
+            .all(|r| r.header(header::CACHE_CONTROL) == "private, no-store"));
     })
     .await;
 }

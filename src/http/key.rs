@@ -45,7 +45,8 @@ pub const CONDITIONAL_HEADERS: [HeaderName; 6] = [
 ///
 /// - the method;
 /// - the scheme and authority of the URI, or the `Host` header when the URI
-///   has no authority (as on an HTTP/1 server);
+///   has no authority (as on an HTTP/1 server; an HTTP/2 request's URI has
+///   both, so requests over the two versions do not share);
 /// - the path and query;
 /// - every value, in order, of each of the [`IDENTITY_HEADERS`]
 ///   (`Authorization`, `Cookie`, `Proxy-Authorization`), of the

@@ -35,6 +35,24 @@
 //! A replay also skips each follower that differs from the leader in a
 //! request header the response's `Vary` names.
 //!
+//! `Cache-Control` is not consulted: coalescing stores nothing beyond the
+//! flight, and every caller it shares with has the same key, identity
+//! headers included. A response marked `private` or `no-store` is shared
+//! like any other. Where a server tells callers apart by something the key
+//! does not hold, add it to the key; or keep such responses to their
+//! leaders with a predicate:
+//!
+//! ```
+//! use http::header::CACHE_CONTROL;
+//! use tower_singleflight::SingleflightLayer;
+//!
+//! let layer = SingleflightLayer::http().shareable(|res| {
+//!     let private = |v: &http::HeaderValue| v.to_str().is_ok_and(|v| v.contains("private"));
+//!     !res.headers.get_all(CACHE_CONTROL).iter().any(private)
+//! });
+//! # drop(layer);
+//! ```
+//!
 //! A follower that gets no replay makes its own call, with its own request.
 //! So, unlike the generic layer (where a follower's request is dropped as it
 //! joins), a follower here keeps its request until it knows whether the
