@@ -883,6 +883,15 @@ async fn when_every_caller_has_left_the_shared_rpc_is_cancelled() {
 
 // --- malformed frames ---
 
+/// A successful reply, its status in its head, with `body`.
+fn ok_reply(body: Body) -> http::Response<Body> {
+    http::Response::builder()
+        .header("content-type", "application/grpc")
+        .header("grpc-status", "0")
+        .body(body)
+        .expect("a response")
+}
+
 /// A unary `Get` call as a client sends it, with `frame` as its body: a
 /// message's prefix and bytes.
 fn get_request(frame: Vec<u8>) -> http::Request<Body> {
@@ -908,12 +917,7 @@ async fn calls_made_with_flag(flag: u8) -> usize {
             let mut gate = gate.clone();
             async move {
                 gate.wait_for(|open| *open).await.expect("the gate stays");
-                let reply = http::Response::builder()
-                    .header("content-type", "application/grpc")
-                    .header("grpc-status", "0")
-                    .body(Body::empty())
-                    .expect("a response");
-                Ok::<_, Infallible>(reply)
+                Ok::<_, Infallible>(ok_reply(Body::empty()))
             }
         })
     };
@@ -952,12 +956,7 @@ async fn a_follower_whose_own_call_panics_gets_internal_like_any_waiter() {
                     assert!(first, "the service fell over");
                     gate.wait_for(|open| *open).await.expect("the gate stays");
                     let two = Bytes::from_static(&[0, 0, 0, 0, 1, b'a', 0, 0, 0, 0, 1, b'b']);
-                    let reply = http::Response::builder()
-                        .header("content-type", "application/grpc")
-                        .header("grpc-status", "0")
-                        .body(Body::new(http_body_util::Full::new(two)))
-                        .expect("a response");
-                    Ok::<_, Infallible>(reply)
+                    Ok::<_, Infallible>(ok_reply(Body::new(http_body_util::Full::new(two))))
                 }
             })
         };
@@ -1014,22 +1013,15 @@ async fn a_clone_of_the_layer_given_other_settings_leads_flights_of_its_own() {
         // The original's call waits at a gate; each changed clone's inner
         // service answers at once, with the same call.
         let (open, gate) = watch::channel(false);
-        let reply = || {
-            http::Response::builder()
-                .header("content-type", "application/grpc")
-                .header("grpc-status", "0")
-                .body(Body::empty())
-                .expect("a response")
-        };
         let gated = tower::service_fn(move |_req: http::Request<Body>| {
             let mut gate = gate.clone();
             async move {
                 gate.wait_for(|open| *open).await.expect("the gate stays");
-                Ok::<_, Infallible>(reply())
+                Ok::<_, Infallible>(ok_reply(Body::empty()))
             }
         });
         let at_once = tower::service_fn(move |_req: http::Request<Body>| async move {
-            Ok::<_, Infallible>(reply())
+            Ok::<_, Infallible>(ok_reply(Body::empty()))
         });
         let request = || get_request(vec![0, 0, 0, 0, 2, b'h', b'i']);
         let base = SingleflightLayer::grpc(Body::new as MakeBody);
@@ -1096,12 +1088,7 @@ async fn a_follower_past_its_wait_limit_sends_what_is_left_of_its_deadline() {
                     if first {
                         gate.wait_for(|open| *open).await.expect("the gate stays");
                     }
-                    let reply = http::Response::builder()
-                        .header("content-type", "application/grpc")
-                        .header("grpc-status", "0")
-                        .body(Body::empty())
-                        .expect("a response");
-                    Ok::<_, Infallible>(reply)
+                    Ok::<_, Infallible>(ok_reply(Body::empty()))
                 }
             })
         };

@@ -169,6 +169,21 @@ async fn replies(tasks: Vec<tokio::task::JoinHandle<Reply>>) -> Vec<Reply> {
         .collect()
 }
 
+/// Fires `n` copies of a request at once, waits until all of them wait in
+/// `group`'s flights, opens the backend's gate, and reads every reply.
+async fn gathered(
+    n: u64,
+    group: &HttpGroup,
+    open: &watch::Sender<bool>,
+    req: impl Fn() -> http::request::Builder,
+) -> Vec<Reply> {
+    let client = client();
+    let tasks = burst(n as usize, &client, req).await;
+    until(|| group.stats().waiters == n).await;
+    open.send_replace(true);
+    replies(tasks).await
+}
+
 /// Waits until `done` holds; the test's overall bound catches a miss.
 async fn until(mut done: impl FnMut() -> bool) {
     while !done() {
@@ -251,11 +266,10 @@ async fn two_hundred_identical_gets_make_one_handler_call_and_identical_replies(
         let addr = serve(app.with_state(backend.clone())).await;
 
         // Every caller joins the one flight before it ends.
-        let client = client();
-        let tasks = burst(200, &client, || request(Method::GET, addr, "/item?id=7")).await;
-        until(|| group.stats().waiters == 200).await;
-        open.send_replace(true);
-        let replies = replies(tasks).await;
+        let replies = gathered(200, &group, &open, || {
+            request(Method::GET, addr, "/item?id=7")
+        })
+        .await;
 
         // One call; every reply is the leader's, byte for byte.
         assert_eq!(backend.calls(), 1);
@@ -371,11 +385,7 @@ async fn a_cookie_set_for_one_caller_never_reaches_another() {
         let addr = serve(app.with_state(backend.clone())).await;
 
         // Ten anonymous callers join one flight.
-        let client = client();
-        let tasks = burst(10, &client, || request(Method::GET, addr, "/login")).await;
-        until(|| group.stats().waiters == 10).await;
-        open.send_replace(true);
-        let replies = replies(tasks).await;
+        let replies = gathered(10, &group, &open, || request(Method::GET, addr, "/login")).await;
 
         // The leader keeps its response; each follower made its own call.
         assert_eq!(backend.calls(), 10);
@@ -484,11 +494,7 @@ async fn concurrent_heads_make_one_call_and_each_gets_the_headers() {
         let app = Router::new().route("/report", get(handler)).layer(layer);
         let addr = serve(app.with_state(backend.clone())).await;
 
-        let client = client();
-        let tasks = burst(20, &client, || request(Method::HEAD, addr, "/report")).await;
-        until(|| group.stats().waiters == 20).await;
-        open.send_replace(true);
-        let replies = replies(tasks).await;
+        let replies = gathered(20, &group, &open, || request(Method::HEAD, addr, "/report")).await;
 
         assert_eq!(backend.calls(), 1);
         assert!(replies.iter().all(|reply| *reply == replies[0]));
@@ -525,12 +531,8 @@ async fn a_streamed_body_and_its_trailers_are_replayed_whole_to_every_waiter() {
         let addr = serve(app.with_state(backend.clone())).await;
 
         // HTTP/1 sends trailers only to a client that says it accepts them.
-        let client = client();
         let req = || request(Method::GET, addr, "/stream").header(header::TE, "trailers");
-        let tasks = burst(20, &client, req).await;
-        until(|| group.stats().waiters == 20).await;
-        open.send_replace(true);
-        let replies = replies(tasks).await;
+        let replies = gathered(20, &group, &open, req).await;
 
         let whole: String = (0..8).map(|i| format!("chunk {i};")).collect();
         assert_eq!(backend.calls(), 1);
@@ -562,11 +564,7 @@ async fn a_body_over_the_limit_reaches_every_caller_whole() {
         let app = Router::new().route("/big", get(handler)).layer(layer);
         let addr = serve(app.with_state(backend.clone())).await;
 
-        let client = client();
-        let tasks = burst(10, &client, || request(Method::GET, addr, "/big")).await;
-        until(|| group.stats().waiters == 10).await;
-        open.send_replace(true);
-        let replies = replies(tasks).await;
+        let replies = gathered(10, &group, &open, || request(Method::GET, addr, "/big")).await;
 
         // The leader streamed it; each follower made its own call.
         let whole: Vec<u8> = (0..16).flat_map(|i| chunk(i).to_vec()).collect();
@@ -632,11 +630,7 @@ async fn a_panicking_handler_answers_500_to_every_waiter_and_the_next_request_su
         let addr = serve(app.with_state(backend.clone())).await;
 
         // Every waiter of the panicking flight gets the documented 500.
-        let client = client();
-        let tasks = burst(10, &client, || request(Method::GET, addr, "/fragile")).await;
-        until(|| group.stats().waiters == 10).await;
-        open.send_replace(true);
-        let replies = replies(tasks).await;
+        let replies = gathered(10, &group, &open, || request(Method::GET, addr, "/fragile")).await;
         assert!(replies
             .iter()
             .all(|r| r.status == StatusCode::INTERNAL_SERVER_ERROR));
@@ -644,7 +638,7 @@ async fn a_panicking_handler_answers_500_to_every_waiter_and_the_next_request_su
         assert!(group.is_empty());
 
         // The key is free, and the next request starts a fresh call.
-        let next = send(&client, request(Method::GET, addr, "/fragile"), "").await;
+        let next = send(&client(), request(Method::GET, addr, "/fragile"), "").await;
         assert_eq!(next.status, StatusCode::OK);
         assert_eq!(next.text(), "fine again");
         assert_eq!(backend.calls(), 2);
@@ -671,11 +665,7 @@ async fn a_follower_whose_own_call_panics_gets_500_like_any_waiter() {
         let app = Router::new().route("/login", get(handler)).layer(layer);
         let addr = serve(app.with_state(backend.clone())).await;
 
-        let client = client();
-        let tasks = burst(3, &client, || request(Method::GET, addr, "/login")).await;
-        until(|| group.stats().waiters == 3).await;
-        open.send_replace(true);
-        let mut replies = replies(tasks).await;
+        let mut replies = gathered(3, &group, &open, || request(Method::GET, addr, "/login")).await;
         replies.sort_by_key(|reply| reply.status);
         let statuses: Vec<_> = replies.iter().map(|reply| reply.status).collect();
         assert_eq!(statuses, [200, 500, 500]);
@@ -797,11 +787,7 @@ async fn a_response_the_predicate_rejects_goes_to_the_leader_alone() {
         let app = Router::new().route("/flaky", get(handler)).layer(layer);
         let addr = serve(app.with_state(backend.clone())).await;
 
-        let client = client();
-        let tasks = burst(4, &client, || request(Method::GET, addr, "/flaky")).await;
-        until(|| group.stats().waiters == 4).await;
-        open.send_replace(true);
-        let replies = replies(tasks).await;
+        let replies = gathered(4, &group, &open, || request(Method::GET, addr, "/flaky")).await;
 
         // Every caller tried for itself.
         assert_eq!(backend.calls(), 4);
@@ -831,13 +817,9 @@ async fn a_response_marked_private_is_shared_by_callers_with_one_key() {
         let app = Router::new().route("/mine", get(handler)).layer(layer);
         let addr = serve(app.with_state(backend.clone())).await;
 
-        let client = client();
         let as_alice =
             || request(Method::GET, addr, "/mine").header(header::AUTHORIZATION, "alice");
-        let tasks = burst(4, &client, as_alice).await;
-        until(|| group.stats().waiters == 4).await;
-        open.send_replace(true);
-        let replies = replies(tasks).await;
+        let replies = gathered(4, &group, &open, as_alice).await;
         assert_eq!(backend.calls(), 1);
         assert_eq!(roles(&replies), ["follower", "leader"]);
         assert!(replies.iter().all(|r| r.text() == "call 1"));
@@ -1059,11 +1041,7 @@ async fn a_buffering_wait_too_long_to_name_as_an_instant_is_no_limit() {
 
         // Three callers in one flight: the body is read whole and shared,
         // however long it takes.
-        let client = client();
-        let tasks = burst(3, &client, || request(Method::GET, addr, "/slow")).await;
-        until(|| group.stats().waiters == 3).await;
-        open.send_replace(true);
-        let replies = replies(tasks).await;
+        let replies = gathered(3, &group, &open, || request(Method::GET, addr, "/slow")).await;
         for reply in &replies {
             assert_eq!(reply.status, StatusCode::OK);
             assert_eq!(reply.text(), "part 0;part 1;");
